@@ -1,0 +1,385 @@
+"""Finite-difference checker for gradient models (the library's, and users' own rules).
+
+The gradient model computes ``g_p = VJP_p(u)`` for random upstream gradients
+``u``.  The checker compares it with central differences of the *forward*
+model's scalar ``f(p) = sum_Y <u_Y, Y(p)>``:
+
+float64 (preferred)
+    The forward model is converted to float64 (initializers, Constant nodes,
+    Cast targets, graph types).  Where onnxruntime has float64 kernels for
+    every op, each sampled element is checked: ``(f(p+eps e_i) - f(p-eps e_i))
+    / 2 eps`` with ``eps = 1e-6 max(1, |p_i|)``, plus random directions.
+float32 (fallback; onnxruntime's CPU Conv has no float64 kernel)
+    Random-direction checks ``<v, g_p>`` against ``(f(p+eps v) -
+    f(p-eps v)) / 2 eps``.  The step depends on the smoothness class of the
+    ops in the model: a large step (``eps = rms(p)``) is exact for linear and
+    multilinear ops; for kinks (Relu, MaxPool) and smooth ops a small step
+    with Richardson extrapolation, and a consistency test between two step
+    sizes that re-draws the direction when a kink was crossed.  A roundoff
+    floor ``4 eps32 sum|u Y| / eps`` is added to the tolerance.
+
+Errors per gradient: ``max_abs_err`` is the largest absolute difference over
+the checks; ``max_rel_err`` divides it by the largest reference magnitude
+(elementwise checks) or by ``max(|analytic|, |numeric|)`` (directions).  A
+check passes when ``abs_err <= atol + rtol * scale (+ roundoff floor)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .builder import FLOAT_TYPES
+from .engine import default_opset, gradient
+from .errors import OnnxbpError
+from .modelio import ModelLike, load_model
+from .registry import LINEAR, PIECEWISE, REGISTRY, RULE, SMOOTH
+
+log = logging.getLogger(__name__)
+
+_EPS32 = float(np.finfo(np.float32).eps)
+
+
+@dataclass
+class GradCheck:
+    """The outcome for one gradient."""
+
+    name: str
+    grad_name: str
+    shape: tuple
+    method: str
+    checks: int
+    max_abs_err: float
+    max_rel_err: float
+    passed: bool
+    note: str = ""
+
+
+@dataclass
+class CheckReport:
+    results: list = field(default_factory=list)
+    precision: str = "float32"
+    smoothness: str = SMOOTH
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.results) and all(r.passed for r in self.results)
+
+    def table(self) -> str:
+        head = ("gradient", "shape", "method", "checks", "max abs err", "max rel err", "result")
+        rows = [head]
+        for r in self.results:
+            rows.append((r.name, "x".join(map(str, r.shape)) or "scalar", r.method, str(r.checks),
+                         f"{r.max_abs_err:.3e}", f"{r.max_rel_err:.3e}",
+                         ("ok" if r.passed else "FAIL") + (f" ({r.note})" if r.note else "")))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def gradient_names(grad_model: onnx.ModelProto) -> dict:
+    """``{param: gradient output name}`` recorded by :func:`onnxbp.gradient`."""
+    for prop in grad_model.metadata_props:
+        if prop.key == "onnxbp.gradients":
+            return dict(item.split("=", 1) for item in prop.value.split(",") if item)
+    raise OnnxbpError("the model carries no onnxbp.gradients metadata; build it with onnxbp.gradient")
+
+
+def _concrete_shape(vi: onnx.ValueInfoProto, batch_size: int) -> tuple:
+    dims = vi.type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") else batch_size for d in dims)
+
+
+def random_feeds(model: onnx.ModelProto, rng: np.random.Generator, batch_size: int = 2,
+                 feeds: Optional[Mapping] = None) -> dict:
+    """Random values for the model's graph inputs that are not initializers.
+
+    Floats are standard normal (tie-free with probability one); integers are
+    zeros and booleans False unless given in ``feeds``.  Symbolic or unknown
+    dims become ``batch_size``.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    out = dict(feeds or {})
+    for vi in model.graph.input:
+        if vi.name in inits or vi.name in out:
+            continue
+        elem = vi.type.tensor_type.elem_type
+        shape = _concrete_shape(vi, batch_size)
+        dtype = helper.tensor_dtype_to_np_dtype(elem)
+        if elem in FLOAT_TYPES:
+            out[vi.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            out[vi.name] = np.zeros(shape, dtype=dtype)
+    return out
+
+
+def _session(model: onnx.ModelProto, threads: int = 1):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _params_as_inputs(model: onnx.ModelProto, params: Sequence[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have_input = {i.name for i in m.graph.input}
+    keep = []
+    for init in m.graph.initializer:
+        if init.name in params:
+            if init.name not in have_input:
+                m.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            keep.append(init)
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    return m
+
+
+def _to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    F, D = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
+
+    def fix_graph(g):
+        for vi in list(g.input) + list(g.output):
+            if vi.type.tensor_type.elem_type == F:
+                vi.type.tensor_type.elem_type = D
+        del g.value_info[:]
+        for i, init in enumerate(g.initializer):
+            if init.data_type == F:
+                g.initializer[i].CopyFrom(numpy_helper.from_array(
+                    numpy_helper.to_array(init).astype(np.float64), init.name))
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F:
+                    a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
+                elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == F:
+                    a.i = D
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    fix_graph(a.g)
+
+    fix_graph(m.graph)
+    return m
+
+
+class _Forward:
+    """f(params) = sum_Y <u_Y, Y> in float64, on a float32 or float64 forward model."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: dict, upstream: dict, params: Sequence[str],
+                 precision: str):
+        self.precision = precision
+        m = _params_as_inputs(model, params)
+        if precision == "float64":
+            m = _to_float64(m)
+        self.sess = _session(m)
+        self.dtype = np.float64 if precision == "float64" else None
+        self.feeds = {k: self._cast(v) for k, v in feeds.items()}
+        self.upstream = upstream
+        self.out_names = [o.name for o in self.sess.get_outputs()]
+
+    def _cast(self, v):
+        v = np.asarray(v)
+        if self.dtype is not None and v.dtype == np.float32:
+            return v.astype(self.dtype)
+        return v
+
+    def __call__(self, values: dict) -> tuple:
+        feeds = dict(self.feeds)
+        feeds.update({k: self._cast(v) for k, v in values.items()})
+        outs = self.sess.run(self.out_names, feeds)
+        total, mag = 0.0, 0.0
+        for name, y in zip(self.out_names, outs):
+            if name in self.upstream:
+                u = self.upstream[name].astype(np.float64)
+                y64 = np.asarray(y, dtype=np.float64)
+                total += float(np.sum(u * y64))
+                mag += float(np.sum(np.abs(u * y64)))
+        return total, mag
+
+
+def _model_smoothness(model: onnx.ModelProto) -> str:
+    opset = default_opset(model)
+    order = {LINEAR: 0, PIECEWISE: 1, SMOOTH: 2}
+    worst = LINEAR
+    for node in model.graph.node:
+        e = REGISTRY.lookup(node.op_type, node.domain, opset)
+        s = e.smoothness if e is not None and e.kind == RULE else (LINEAR if e is not None else SMOOTH)
+        if order[s] > order[worst]:
+            worst = s
+    return worst
+
+
+def check_gradients(model: ModelLike, wrt: Optional[Sequence[str]] = None, *,
+                    feeds: Optional[Mapping] = None, seed: int = 0, batch_size: int = 2,
+                    rtol: float = 1e-3, atol: float = 1e-6, directions: int = 3,
+                    max_elements: int = 24, precision: str = "auto",
+                    grad_model: Optional[onnx.ModelProto] = None, **options) -> CheckReport:
+    """Build (or take) the gradient model, run it, and compare with finite differences.
+
+    ``precision``: "auto" (float64 forward where onnxruntime can run it),
+    "float64" or "float32".  Returns a :class:`CheckReport`; ``report.passed``
+    tells pass/fail and ``report.table()`` formats it.
+    """
+    fwd = load_model(model)
+    gm = grad_model if grad_model is not None else gradient(fwd, wrt, **options)
+    names = gradient_names(gm)
+    params = list(names)
+    rng = np.random.default_rng(seed)
+
+    base_feeds = random_feeds(fwd, rng, batch_size, feeds)
+    inits = {t.name: numpy_helper.to_array(t) for t in fwd.graph.initializer}
+    values = {p: (base_feeds[p] if p in base_feeds else inits[p]).copy() for p in params}
+
+    fwd_sess = _session(fwd)
+    out_meta = fwd_sess.get_outputs()
+    fwd_outs = fwd_sess.run([o.name for o in out_meta], base_feeds)
+    upstream = {}
+    gm_feeds = {k: v for k, v in base_feeds.items() if k in {i.name for i in gm.graph.input}}
+    gm_inputs = {i.name for i in gm.graph.input}
+    for o, y in zip(out_meta, fwd_outs):
+        y = np.asarray(y)
+        gname = next((n for n in gm_inputs if n == o.name + _suffix(names)), None)
+        if gname is None or not np.issubdtype(y.dtype, np.floating):
+            continue
+        u = rng.standard_normal(y.shape).astype(y.dtype)
+        upstream[o.name] = u
+        gm_feeds[gname] = u
+    grad_sess = _session(gm)
+    grads = dict(zip(names.values(), grad_sess.run(list(names.values()), gm_feeds)))
+
+    smooth = _model_smoothness(fwd)
+    report = CheckReport(smoothness=smooth)
+    f64 = None
+    if precision in ("auto", "float64"):
+        try:
+            f64 = _Forward(fwd, base_feeds, upstream, params, "float64")
+            f64(values)
+        except Exception as exc:  # noqa: BLE001 - no float64 kernel: fall back
+            if precision == "float64":
+                raise OnnxbpError(f"the forward model cannot run in float64 in onnxruntime: "
+                                  f"{str(exc).splitlines()[0]}") from None
+            log.info("float64 forward unavailable (%s); using float32 checks", str(exc).splitlines()[0][:120])
+            f64 = None
+    report.precision = "float64" if f64 is not None else "float32"
+    f32 = None if f64 is not None else _Forward(fwd, base_feeds, upstream, params, "float32")
+
+    for p in params:
+        g = np.asarray(grads[names[p]], dtype=np.float64)
+        x = np.asarray(values[p])
+        if g.shape != x.shape:
+            report.results.append(GradCheck(p, names[p], x.shape, "shape", 1, float("inf"), float("inf"),
+                                            False, f"gradient shape {g.shape} != {x.shape}"))
+            continue
+        if f64 is not None:
+            report.results.append(_check_f64(p, names[p], x, g, values, f64, rng, rtol, atol,
+                                             directions, max_elements))
+        else:
+            report.results.append(_check_f32(p, names[p], x, g, values, f32, rng, rtol, atol,
+                                             directions, smooth))
+    return report
+
+
+def _suffix(names: dict) -> str:
+    p, n = next(iter(names.items()))
+    return n[len(p):]
+
+
+def _check_f64(p, gname, x, g, values, f, rng, rtol, atol, directions, max_elements) -> GradCheck:
+    flat = x.reshape(-1).astype(np.float64)
+    n = flat.size
+    idx = np.arange(n) if n <= max_elements else np.sort(rng.choice(n, size=max_elements, replace=False))
+    num = np.empty(len(idx))
+    for k, i in enumerate(idx):
+        eps = 1e-6 * max(1.0, abs(flat[i]))
+        xp, xm = flat.copy(), flat.copy()
+        xp[i] += eps
+        xm[i] -= eps
+        vals = dict(values)
+        vals[p] = xp.reshape(x.shape)
+        fp, _ = f(vals)
+        vals[p] = xm.reshape(x.shape)
+        fm, _ = f(vals)
+        num[k] = (fp - fm) / (2 * eps)
+    ana = g.reshape(-1)[idx]
+    scale = max(float(np.max(np.abs(num))), float(np.max(np.abs(ana))), 1e-12)
+    abs_err = float(np.max(np.abs(ana - num))) if len(idx) else 0.0
+    passed = abs_err <= atol + rtol * scale
+    max_rel = abs_err / scale
+    checks = len(idx)
+    for _ in range(directions):
+        v = rng.standard_normal(x.shape)
+        eps = 1e-6 * max(1.0, float(np.sqrt(np.mean(flat ** 2))))
+        vals = dict(values)
+        vals[p] = flat.reshape(x.shape) + eps * v
+        fp, _ = f(vals)
+        vals[p] = flat.reshape(x.shape) - eps * v
+        fm, _ = f(vals)
+        nd = (fp - fm) / (2 * eps)
+        ad = float(np.sum(v * g))
+        err = abs(ad - nd)
+        sc = max(abs(ad), abs(nd), 1e-12)
+        passed = passed and err <= atol + rtol * sc
+        abs_err, max_rel = max(abs_err, err), max(max_rel, err / sc)
+        checks += 1
+    return GradCheck(p, gname, x.shape, "float64 elements+directions", checks, abs_err, max_rel, passed)
+
+
+def _check_f32(p, gname, x, g, values, f, rng, rtol, atol, directions, smooth) -> GradCheck:
+    x64 = x.astype(np.float64)
+    rms = float(np.sqrt(np.mean(x64 ** 2))) if x.size else 0.0
+    scale_x = rms if rms > 1e-3 else 1.0
+    abs_err = max_rel = 0.0
+    passed = True
+    checks = 0
+    note = ""
+
+    def central(v, eps):
+        vals = dict(values)
+        vals[p] = (x64 + eps * v).astype(x.dtype)
+        fp, mp = f(vals)
+        vals[p] = (x64 - eps * v).astype(x.dtype)
+        fm, mm = f(vals)
+        return (fp - fm) / (2 * eps), max(mp, mm)
+
+    for _ in range(directions):
+        for attempt in range(6):
+            v = rng.standard_normal(x.shape)
+            v /= max(float(np.sqrt(np.mean(v ** 2))), 1e-12)
+            if smooth == LINEAR:
+                eps = scale_x
+                nd, mag = central(v, eps)
+                noise = 8 * _EPS32 * mag / eps
+                consistent = True
+            else:
+                eps = (2e-2 if smooth == SMOOTH else 1e-2) * scale_x
+                d1, mag = central(v, eps)
+                d2, _ = central(v, eps / 2)
+                d4, _ = central(v, eps / 4)
+                r1, r2 = (4 * d2 - d1) / 3, (4 * d4 - d2) / 3
+                noise = 8 * _EPS32 * mag / (eps / 4)
+                nd = r2
+                consistent = abs(r1 - r2) <= 4 * noise + 1e-2 * max(abs(r1), abs(r2), 1e-12)
+            if consistent:
+                break
+        else:
+            note = "kinks crossed in every direction tried"
+        ad = float(np.sum(v * g))
+        err = abs(ad - nd)
+        sc = max(abs(ad), abs(nd), 1e-12)
+        ok = err <= atol + rtol * sc + noise
+        passed = passed and ok and not note
+        abs_err, max_rel = max(abs_err, err), max(max_rel, err / sc)
+        checks += 1
+    method = "float32 directions, " + ("large step (linear)" if smooth == LINEAR else "Richardson")
+    return GradCheck(p, gname, x.shape, method, checks, abs_err, max_rel, passed, note)

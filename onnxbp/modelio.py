@@ -1,0 +1,99 @@
+"""Loading and saving models: clear errors, atomic writes, inputs never modified."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import ModelLoadError, OutputPathError
+
+log = logging.getLogger(__name__)
+
+ModelLike = Union[onnx.ModelProto, str, os.PathLike]
+
+
+def load_model(model: ModelLike, *, check: bool = True) -> onnx.ModelProto:
+    """Return a private copy of ``model`` (a ModelProto or a path), checked."""
+    if isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        where = "the model"
+    elif isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        where = f"'{path}'"
+        if not path.exists():
+            raise ModelLoadError(f"{where}: no such file")
+        if path.is_dir():
+            raise ModelLoadError(f"{where} is a directory, not an ONNX file")
+        data = path.read_bytes()
+        if not data:
+            raise ModelLoadError(f"{where} is empty, not an ONNX model")
+        proto = onnx.ModelProto()
+        try:
+            proto.ParseFromString(data)
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            raise ModelLoadError(
+                f"{where} is not an ONNX model or is truncated ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse failed'})"
+            ) from None
+        if not proto.HasField("graph") or not proto.opset_import:
+            raise ModelLoadError(f"{where} is not an ONNX model (no graph or no opset_import)")
+        if any(t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL
+               for t in proto.graph.initializer):
+            try:
+                onnx.load_external_data_for_model(proto, str(path.parent))
+            except Exception as exc:  # noqa: BLE001 - any failure is a load failure
+                raise ModelLoadError(f"{where}: cannot load external data ({exc})") from None
+    else:
+        raise ModelLoadError(
+            f"expected an onnx.ModelProto or a path, got {type(model).__name__}"
+        )
+    if check:
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
+            raise ModelLoadError(f"{where} fails the ONNX checker: {first}") from None
+    return proto
+
+
+def save_model_atomic(model: onnx.ModelProto, path: Union[str, os.PathLike],
+                      *, source: Union[str, os.PathLike, None] = None) -> Path:
+    """Write ``model`` to ``path`` via a temporary file and a rename.
+
+    Refuses to overwrite ``source`` (the input model).  Nothing is left behind
+    on failure.
+    """
+    out = Path(path)
+    if source is not None and isinstance(source, (str, os.PathLike)):
+        src = Path(source)
+        if src.exists() and (out.resolve() == src.resolve()):
+            raise OutputPathError(
+                f"output path '{out}' is the input model; choose another path (the input is never modified)"
+            )
+    if out.is_dir():
+        raise OutputPathError(f"output path '{out}' is a directory; give a file name ending in .onnx")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise OutputPathError(f"output directory '{parent}' does not exist")
+    data = model.SerializeToString()
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    log.info("wrote %s (%d bytes)", out, len(data))
+    return out

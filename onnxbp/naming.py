@@ -1,0 +1,71 @@
+"""The one authority for new names.
+
+Every backward tensor and node gets its name here, so that new names never
+collide with each other or with any name the model already uses (including
+names inside subgraphs of If/Loop/Scan attributes).
+"""
+
+from __future__ import annotations
+
+import re
+
+import onnx
+
+
+def _graph_names(graph: onnx.GraphProto, out: set) -> None:
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        out.add(vi.name)
+    for init in graph.initializer:
+        out.add(init.name)
+    for sinit in graph.sparse_initializer:
+        out.add(sinit.values.name)
+    for node in graph.node:
+        out.add(node.name)
+        out.update(node.input)
+        out.update(node.output)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _graph_names(attr.g, out)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _graph_names(g, out)
+    out.discard("")
+
+
+def model_names(model: onnx.ModelProto) -> set:
+    names: set = set()
+    _graph_names(model.graph, names)
+    for fn in model.functions:
+        names.add(fn.name)
+    return names
+
+
+_SAFE = re.compile(r"\s+")
+
+
+class NameAuthority:
+    """Hands out names that are unique across the whole model."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self._used = model_names(model)
+
+    def is_used(self, name: str) -> bool:
+        return name in self._used
+
+    def reserve(self, name: str) -> str:
+        """Claim ``name`` exactly; the caller has checked it is free."""
+        self._used.add(name)
+        return name
+
+    def fresh(self, base: str) -> str:
+        """Return ``base`` if free, else ``base_1``, ``base_2``, ... and claim it."""
+        base = _SAFE.sub("_", base) or "t"
+        if base not in self._used:
+            self._used.add(base)
+            return base
+        i = 1
+        while f"{base}_{i}" in self._used:
+            i += 1
+        name = f"{base}_{i}"
+        self._used.add(name)
+        return name
