@@ -170,6 +170,29 @@ class GradContext:
                 )
         return tuple(shape)
 
+    def constant_value(self, name: Optional[str]) -> Optional[np.ndarray]:
+        """The value of a forward tensor fixed at build time, else ``None``.
+
+        Known: initializers that are not also graph inputs (those can be
+        overridden at run time) and outputs of forward ``Constant`` nodes with
+        a ``value`` tensor.  Rules use it for axes/shape inputs.
+        """
+        if not name:
+            return None
+        graph = self._b.graph
+        if any(i.name == name for i in graph.input):
+            return None
+        for init in graph.initializer:
+            if init.name == name:
+                return numpy_helper.to_array(init)
+        for node in self._b.nodes:
+            if node.op_type == "Constant" and node.output and node.output[0] == name:
+                for a in node.attribute:
+                    if a.name == "value":
+                        return numpy_helper.to_array(a.t)
+                return None
+        return None
+
     def fail(self, what: str) -> None:
         """Raise a one-line :class:`UnsupportedAttributeError` about this node."""
         raise UnsupportedAttributeError(
@@ -273,7 +296,7 @@ class GradContext:
                 f"after shape inference; broadcasting gradients need ranks"
             )
         lead = len(gshape) - len(tshape)
-        keep_axes = []
+        keep_axes, ambiguous = [], []
         for j, t in enumerate(tshape):
             y = gshape[lead + j]
             if t == 1:
@@ -282,11 +305,35 @@ class GradContext:
             elif isinstance(t, int) or (t is not None and t == y) or y == 1:
                 continue
             else:
-                raise ShapeError(
-                    f"node {self.prefix!r} ({self.op_type}): cannot tell whether dim {j} of {target!r} "
-                    f"({t!r}) is broadcast against {y!r}; make one of them static"
-                )
-        out = self.reduce_sum(grad, keep_axes, keepdims=True) if keep_axes else grad
+                ambiguous.append(j)
+        out = grad
+        if ambiguous:
+            out = self._unbroadcast_runtime(out, target, lead, ambiguous)
+        out = self.reduce_sum(out, keep_axes, keepdims=True) if keep_axes else out
         if lead > 0:
             out = self.reduce_sum(out, list(range(lead)), keepdims=False)
+        if ambiguous:
+            # Axes where target was 1 at run time hold copies of the sum: keep one.
+            rank = len(tshape)
+            out = self.op("Slice", out, self.ints([0] * rank), self.op("Shape", target),
+                          self.ints(list(range(rank))))
+        return out
+
+    def _unbroadcast_runtime(self, grad: str, target, lead: int, axes: Sequence[int]) -> str:
+        """Axes whose broadcasting is only known at run time: sum iff the target's dim is 1."""
+        if not isinstance(target, str):
+            raise ShapeError(
+                f"node {self.prefix!r} ({self.op_type}): cannot tell which axes of {tuple(target)} "
+                f"were broadcast; make the shapes static")
+        if self.opset < 10:
+            raise ShapeError(
+                f"node {self.prefix!r} ({self.op_type}): dims {list(axes)} of {target!r} are not static, "
+                f"so broadcasting is decided at run time, which needs opset >= 10 (model has {self.opset})")
+        shape = self.op("Shape", target)
+        one = self.ints([1])
+        out = grad
+        for j in axes:
+            dim = self.op("Slice", shape, self.ints([j]), self.ints([j + 1]), self.ints([0]))
+            summed = self.reduce_sum(out, [lead + j], keepdims=True)
+            out = self.op("Where", self.op("Equal", dim, one), summed, out)
         return out

@@ -122,7 +122,7 @@ class _Builder:
         self._options = self._validate_options(options)
         try:
             onnx.checker.check_model(model, full_check=True)
-        except onnx.checker.ValidationError as exc:
+        except Exception as exc:  # noqa: BLE001 - ValidationError or InferenceError
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
             raise ModelLoadError(f"the model fails the ONNX checker (full_check): {first}") from None
         self.model = model
@@ -199,7 +199,7 @@ class _Builder:
             return self._const_cache[key]
         name = self.names.fresh("onnxbp/grad/const")
         node = helper.make_node("Constant", [], [name], name=name,
-                                value=numpy_helper.from_array(np.ascontiguousarray(arr)),
+                                value=numpy_helper.from_array(np.array(arr, order="C", copy=True)),
                                 doc_string="onnxbp: constant of the backward graph")
         self.new_nodes.append(node)
         self._created.add(name)
@@ -406,6 +406,7 @@ class _Builder:
                     f"gradient input for output {out.name!r}; pass another grad_suffix (--grad-suffix)")
             self.names.reserve(gname)
             new_inputs.append(self._value_info(gname, out.name, out.type))
+            self.infos[gname] = info
             if out.name in active and out.name in useful:
                 grads.setdefault(out.name, []).append(gname)
         out_names = []
@@ -456,7 +457,7 @@ class _Builder:
         meta.value = ",".join(f"{p}={n}" for p, n in zip(params, out_names))
         try:
             onnx.checker.check_model(self.model, full_check=True)
-        except onnx.checker.ValidationError as exc:
+        except Exception as exc:  # noqa: BLE001 - ValidationError or InferenceError
             first = str(exc).strip().splitlines()[0]
             raise InternalError(f"the gradient model fails the ONNX checker: {first}") from None
         log.info("gradient model: %d forward nodes, %d backward nodes, %d gradients",

@@ -56,7 +56,7 @@ def load_model(model: ModelLike, *, check: bool = True) -> onnx.ModelProto:
     if check:
         try:
             onnx.checker.check_model(proto)
-        except onnx.checker.ValidationError as exc:
+        except Exception as exc:  # noqa: BLE001 - ValidationError or InferenceError
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
             raise ModelLoadError(f"{where} fails the ONNX checker: {first}") from None
     return proto

@@ -35,7 +35,7 @@ def _matmul_t(g, a, b, trans_a, trans_b, alpha):
     a = g.transpose(a, [1, 0]) if trans_a else a
     b = g.transpose(b, [1, 0]) if trans_b else b
     out = g.op("MatMul", a, b)
-    return out if alpha == 1.0 else g.op("Mul", out, g.const(alpha, like=a))
+    return out if alpha == 1.0 else g.op("Mul", out, g.const(alpha, like=g.input(0)))
 
 
 # Seed 000/001 sections 1.1 (BPA) and 1.2 (BPW); seed 002 sections 2.1-2.3.

@@ -1,0 +1,188 @@
+"""Bad input gets one clear line naming what is wrong and what is supported; nothing is lost."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import onnxbp
+from gradutil import make_model
+
+
+def _mm(extra_nodes=(), extra_inputs=(), out="Y", out_type=np.float32, out_shape=(2, 2), domains=()):
+    w = np.ones((3, 2), np.float32)
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm"), *extra_nodes]
+    model = make_model(nodes, [("X", np.float32, [2, 3]), *extra_inputs],
+                       [(out, out_type, list(out_shape))], {"W": w}, check=False)
+    for d in domains:
+        model.opset_import.append(helper.make_opsetid(d, 1))
+    onnx.checker.check_model(model)
+    return model
+
+
+def _one_line(exc):
+    text = str(exc.value)
+    assert "\n" not in text
+    return text
+
+
+def test_op_without_rule_names_node_op_domain_and_how_to_register():
+    node = helper.make_node("Softsign2", ["Y"], ["Z"], name="custom_act", domain="my.ops")
+    model = _mm([node], out="Z", domains=["my.ops"])
+    with pytest.raises(onnxbp.UnsupportedOpError) as exc:
+        onnxbp.gradient(model)
+    text = _one_line(exc)
+    assert "'custom_act'" in text and "Softsign2" in text and "my.ops" in text
+    assert "register_gradient('Softsign2', domain='my.ops')" in text and "onnxbp ops" in text
+
+
+def test_wrt_not_in_graph():
+    with pytest.raises(onnxbp.WrtError) as exc:
+        onnxbp.gradient(_mm(), ["nope"])
+    assert "'nope' is not an initializer or graph input" in _one_line(exc)
+    assert "no such tensor" in str(exc.value)
+
+
+def test_wrt_intermediate_tensor():
+    model = _mm([helper.make_node("Relu", ["Y"], ["Z"], name="r")], out="Z")
+    with pytest.raises(onnxbp.WrtError) as exc:
+        onnxbp.gradient(model, ["Y"])
+    assert "intermediate tensor" in _one_line(exc)
+
+
+def test_wrt_integer_tensor():
+    node = helper.make_node("Cast", ["I"], ["If"], name="cast", to=TensorProto.FLOAT)
+    add = helper.make_node("Add", ["Y", "If"], ["Z"], name="add")
+    model = _mm([node, add], extra_inputs=[("I", np.int64, [2, 2])], out="Z")
+    with pytest.raises(onnxbp.WrtError) as exc:
+        onnxbp.gradient(model, ["I"])
+    text = _one_line(exc)
+    assert "'I' has type INT64" in text and "floating-point" in text
+
+
+def test_gradient_only_through_argmax_raises():
+    nodes = [helper.make_node("ArgMax", ["Y"], ["idx"], name="argmax", axis=1),
+             helper.make_node("Cast", ["idx"], ["Z"], name="cast", to=TensorProto.FLOAT)]
+    model = _mm(nodes, out="Z", out_shape=(2, 1))
+    with pytest.raises(onnxbp.NotDifferentiableError) as exc:
+        onnxbp.gradient(model, ["W"])
+    text = _one_line(exc)
+    assert "no gradient of 'W' reaches the outputs" in text and "'argmax' (ArgMax) is not differentiable" in text
+
+
+def test_gradient_only_through_shape_raises():
+    nodes = [helper.make_node("Shape", ["Y"], ["s"], name="shape_of_y"),
+             helper.make_node("Cast", ["s"], ["Z"], name="cast", to=TensorProto.FLOAT)]
+    model = _mm(nodes, out="Z", out_shape=(2,))
+    with pytest.raises(onnxbp.NotDifferentiableError) as exc:
+        onnxbp.gradient(model, ["W"])
+    assert "'shape_of_y' (Shape) passes no gradient" in _one_line(exc)
+
+
+def test_float_piecewise_constant_op_on_path_raises():
+    model = _mm([helper.make_node("Floor", ["Y"], ["Z"], name="floor")], out="Z")
+    with pytest.raises(onnxbp.NotDifferentiableError) as exc:
+        onnxbp.gradient(model, ["W"])
+    text = _one_line(exc)
+    assert "'floor' (op Floor) is not differentiable" in text and "zero almost everywhere" in text
+
+
+def test_unused_parameter_explicitly_requested():
+    model = _mm()
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(3, np.float32), "unused"))
+    with pytest.raises(onnxbp.NotDifferentiableError) as exc:
+        onnxbp.gradient(model, ["unused"])
+    assert "'unused' is not used by any node" in _one_line(exc)
+    # ...but the default wrt simply leaves it out.
+    gm = onnxbp.gradient(model)
+    assert [o.name for o in gm.graph.output] == ["Y", "W_grad"]
+
+
+def test_not_onnx_file(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"this is not a protobuf \xff\xfe at all")
+    with pytest.raises(onnxbp.ModelLoadError) as exc:
+        onnxbp.gradient(str(path))
+    assert str(path) in _one_line(exc) and "not an ONNX model" in str(exc.value)
+
+
+def test_truncated_file(tmp_path):
+    data = _mm().SerializeToString()
+    path = tmp_path / "trunc.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(onnxbp.ModelLoadError) as exc:
+        onnxbp.gradient(str(path))
+    assert "trunc.onnx" in _one_line(exc)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(onnxbp.ModelLoadError, match="no such file"):
+        onnxbp.gradient(str(tmp_path / "missing.onnx"))
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(onnxbp.ModelLoadError, match="is empty"):
+        onnxbp.gradient(str(tmp_path / "empty.onnx"))
+
+
+def test_model_failing_the_checker():
+    model = _mm()
+    model.graph.node[0].input[1] = "undefined_tensor"
+    with pytest.raises(onnxbp.ModelLoadError) as exc:
+        onnxbp.gradient(model)
+    text = _one_line(exc)
+    assert "fails the ONNX checker" in text and "undefined_tensor" in text
+
+
+def test_unknown_rank_names_the_tensor():
+    """MatMul needs ranks; a Reshape to a runtime shape of unknown length leaves the rank unknown."""
+    w = np.ones((3, 2), np.float32)
+    nodes = [helper.make_node("Reshape", ["X", "S"], ["R"], name="rs"),
+             helper.make_node("MatMul", ["R", "W"], ["Y"], name="mm")]
+    model = make_model(nodes, [("X", np.float32, [2, 3]), ("S", np.int64, ["r"])],
+                       [("Y", np.float32, ["a", "b"])], {"W": w})
+    with pytest.raises(onnxbp.ShapeError) as exc:
+        onnxbp.gradient(model, ["W"])
+    text = _one_line(exc)
+    assert "'R'" in text and "unknown" in text and "'mm'" in text
+
+
+def test_output_path_equal_to_input(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_mm(), str(path))
+    before = path.read_bytes()
+    gm = onnxbp.gradient(str(path))
+    with pytest.raises(onnxbp.OutputPathError) as exc:
+        onnxbp.save_model_atomic(gm, str(path), source=str(path))
+    assert "is the input model" in _one_line(exc)
+    assert path.read_bytes() == before
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    gm = onnxbp.gradient(_mm())
+    out = tmp_path / "out.onnx"
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        onnxbp.save_model_atomic(gm, str(out))
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_unknown_option_and_bad_value():
+    with pytest.raises(onnxbp.OptionError) as exc:
+        onnxbp.gradient(_mm(), bogus_option=1)
+    assert "unknown option 'bogus_option'" in _one_line(exc)
+
+
+def test_name_collision_with_contract_names():
+    model = _mm([helper.make_node("Relu", ["Y"], ["W_grad"], name="r")], out="W_grad")
+    with pytest.raises(onnxbp.NameCollisionError) as exc:
+        onnxbp.gradient(model, ["W"])
+    assert "'W_grad'" in _one_line(exc) and "grad_suffix" in str(exc.value)
+    gm = onnxbp.gradient(model, ["W"], grad_suffix="_d")
+    assert [o.name for o in gm.graph.output] == ["W_grad", "W_d"]
