@@ -9,3 +9,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running tests (run with `pytest -m slow`)")
     config.addinivalue_line("markers", "torch: compares against torch autograd (skips without torch)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    from gradutil import WORST_ERRORS
+
+    if not WORST_ERRORS:
+        return
+    terminalreporter.section("worst relative error per rule family")
+    for (family, kind), rel in sorted(WORST_ERRORS.items()):
+        terminalreporter.write_line(f"{family:<22} {kind:<32} {rel:.3e}")

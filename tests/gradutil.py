@@ -6,6 +6,7 @@ test says otherwise.
 
 from __future__ import annotations
 
+import os
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -24,6 +25,18 @@ except Exception:  # pragma: no cover
     HAS_TORCH = False
 
 STANDARD_DOMAINS = ("", "ai.onnx")
+
+#: Worst relative errors seen per test file and reference ("fd" / "ref"),
+#: printed by conftest's terminal summary (the numbers for closing notes).
+WORST_ERRORS: dict = {}
+
+
+def _record(kind: str, rel: float) -> None:
+    current = os.environ.get("PYTEST_CURRENT_TEST", "unknown::")
+    family = current.split("::")[0].rsplit("/", 1)[-1].removeprefix("test_").removesuffix(".py")
+    key = (family, kind)
+    if np.isfinite(rel):
+        WORST_ERRORS[key] = max(WORST_ERRORS.get(key, 0.0), float(rel))
 
 
 def _elem(dtype) -> int:
@@ -105,6 +118,8 @@ def assert_fd(model: onnx.ModelProto, wrt=None, feeds=None, rtol: float = 1e-3, 
     """Run onnxbp's finite-difference checker and fail with its table."""
     report = onnxbp.check_gradients(model, wrt, feeds=feeds, rtol=rtol, **kwargs)
     assert report.passed, "\n" + report.table()
+    for r in report.results:
+        _record(f"finite differences ({report.precision})", r.max_rel_err)
     return report
 
 
@@ -116,4 +131,6 @@ def assert_close(ours, ref, rtol: float, atol: float, what: str = "") -> float:
     err = float(np.max(np.abs(ours - ref))) if ours.size else 0.0
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     assert err <= atol + rtol * scale, f"{what}: max abs err {err:.3e} > {atol} + {rtol}*{scale:.3e}"
-    return err / max(scale, 1e-30)
+    rel = err / max(scale, 1e-30)
+    _record("reference (torch/numpy)", rel)
+    return rel
