@@ -20,7 +20,10 @@ float32 (fallback; onnxruntime's CPU Conv has no float64 kernel)
 
 Errors per gradient: ``max_abs_err`` is the largest absolute difference over
 the checks; ``max_rel_err`` divides it by the largest reference magnitude
-(elementwise checks) or by ``max(|analytic|, |numeric|)`` (directions).  A
+(elementwise checks) or, for a direction ``v``, by ``max(|analytic|,
+|numeric|, rms(v) ||g||)`` (the last is the typical size of ``<v, g>``, so a
+directional derivative that cancels to nearly zero is not judged against
+itself).  A
 check passes when ``abs_err <= atol + rtol * scale (+ roundoff floor)``.
 """
 
@@ -290,6 +293,15 @@ def check_gradients(model: ModelLike, wrt: Optional[Sequence[str]] = None, *,
     return report
 
 
+def _typical(v: np.ndarray, g: np.ndarray) -> float:
+    """Typical size of <v, g> for a random direction: rms(v) * ||g||.
+
+    Directional derivatives that cancel to nearly zero are judged against
+    this, not against themselves.
+    """
+    return max(float(np.sqrt(np.mean(v ** 2)) * np.linalg.norm(g)), 1e-12)
+
+
 def _suffix(names: dict) -> str:
     p, n = next(iter(names.items()))
     return n[len(p):]
@@ -328,7 +340,7 @@ def _check_f64(p, gname, x, g, values, f, rng, rtol, atol, directions, max_eleme
         nd = (fp - fm) / (2 * eps)
         ad = float(np.sum(v * g))
         err = abs(ad - nd)
-        sc = max(abs(ad), abs(nd), 1e-12)
+        sc = max(abs(ad), abs(nd), _typical(v, g))
         passed = passed and err <= atol + rtol * sc
         abs_err, max_rel = max(abs_err, err), max(max_rel, err / sc)
         checks += 1
@@ -376,7 +388,7 @@ def _check_f32(p, gname, x, g, values, f, rng, rtol, atol, directions, smooth) -
             note = "kinks crossed in every direction tried"
         ad = float(np.sum(v * g))
         err = abs(ad - nd)
-        sc = max(abs(ad), abs(nd), 1e-12)
+        sc = max(abs(ad), abs(nd), _typical(v, g))
         ok = err <= atol + rtol * sc + noise
         passed = passed and ok and not note
         abs_err, max_rel = max(abs_err, err), max(max_rel, err / sc)

@@ -433,14 +433,17 @@ class _Builder:
 
         final_outputs = []
         claimed: set = set()
+        renamed: dict = {}  # a tensor renamed to one gradient output, shared by another
         consumed = {i for n in self.new_nodes for i in n.input}
         for p, gname in zip(params, out_names):
             src = self._accumulate(grads, p)
             if src is None:  # pragma: no cover - excluded by the usefulness check
                 raise InternalError(f"no gradient was produced for {p!r}")
+            src = renamed.get(src, src)
             renamable = src in self._created and src not in claimed and src not in consumed
             if renamable:
                 self._rename(src, gname)
+                renamed[src] = gname
             else:
                 self.new_nodes.append(helper.make_node(
                     "Identity", [src], [gname], name=self.names.fresh(f"{gname}/identity"),

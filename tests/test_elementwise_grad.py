@@ -6,6 +6,7 @@ and torch autograd in float64 (rtol 1e-5) where torch is installed.
 
 from __future__ import annotations
 
+import zlib
 import numpy as np
 import pytest
 from onnx import helper
@@ -30,7 +31,7 @@ TORCH_OPS = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b,
 @pytest.mark.parametrize("sa,sb", BROADCAST_PAIRS, ids=lambda s: "x".join(map(str, s)) or "scalar")
 @pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div"])
 def test_binary_broadcasting(op, sa, sb):
-    rng = np.random.default_rng(abs(hash((op, sa, sb))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((op, sa, sb)).encode()))
     a = rng.standard_normal(sa).astype(np.float32)
     b = rng.standard_normal(sb).astype(np.float32)
     if op == "Div":  # keep the denominator away from zero
