@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import ShapeError, UnsupportedAttributeError
+from .errors import InternalError, ShapeError, UnsupportedAttributeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import _Builder
@@ -210,6 +210,9 @@ class GradContext:
     def const(self, value: Any, *, like: Optional[str] = None, dtype: Any = None) -> str:
         """A constant tensor; dtype from tensor ``like``, an explicit numpy ``dtype``, or value's."""
         if like is not None:
+            if not self.dtype(like):
+                raise InternalError(f"node {self.prefix!r} ({self.op_type}): g.const(like={like!r}) but the "
+                                    f"element type of {like!r} is unknown; pass like= a forward tensor")
             arr = np.asarray(value, dtype=_np_dtype(self.dtype(like)))
         elif dtype is not None:
             arr = np.asarray(value, dtype=dtype)

@@ -191,7 +191,32 @@ class _Builder:
                                 **attrs)
         self.new_nodes.append(node)
         self._created.update(outs)
+        elem = self._result_type(op_type, inputs, attrs)
+        if elem:
+            for o in outs:
+                self.infos[o] = TensorInfo(elem, None)
         return outs
+
+    _INT64_RESULTS = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin"}
+    _BOOL_RESULTS = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And",
+                     "Or", "Xor", "IsNaN", "IsInf"}
+
+    def _result_type(self, op_type: str, inputs: list, attrs: dict) -> int:
+        """Element type of a backward node's outputs, so later rules can ask ``g.dtype`` of them."""
+        if op_type in self._INT64_RESULTS:
+            return onnx.TensorProto.INT64
+        if op_type in self._BOOL_RESULTS:
+            return onnx.TensorProto.BOOL
+        if op_type == "Cast":
+            return int(attrs.get("to", 0))
+        if op_type == "Where" and len(inputs) > 1:
+            return self.info(inputs[1]).elem_type
+        if op_type in ("ConstantOfShape", "Constant"):
+            return 0
+        for name in inputs:
+            if name and self.info(name).elem_type:
+                return self.info(name).elem_type
+        return 0
 
     def constant(self, arr: np.ndarray) -> str:
         key = (arr.dtype.str, arr.shape, arr.tobytes())
@@ -204,6 +229,7 @@ class _Builder:
         self.new_nodes.append(node)
         self._created.add(name)
         self._const_cache[key] = name
+        self.infos[name] = TensorInfo(helper.np_dtype_to_tensor_dtype(arr.dtype), tuple(arr.shape))
         return name
 
     def ensure_forward_output(self, node: onnx.NodeProto, i: int) -> str:
@@ -283,10 +309,13 @@ class _Builder:
         inits = {t.name for t in self.graph.initializer}
         if wrt is None:
             chosen = []
+            state = self._state_only_initializers()
             for t in self.graph.initializer:
                 if t.data_type not in FLOAT_TYPES:
                     continue
-                if t.name in useful_all:
+                if t.name in state:
+                    log.info("initializer %s holds state (e.g. running statistics): not in the default wrt", t.name)
+                elif t.name in useful_all:
                     chosen.append(t.name)
                 else:
                     log.info("initializer %s gets no gradient: %s", t.name, self._explain_unreachable(t.name))
@@ -310,6 +339,17 @@ class _Builder:
                 raise WrtError(f"wrt name {p!r} has type {_type_name(info.elem_type)}; gradients exist "
                                f"only for floating-point tensors (float, double, float16, bfloat16)")
         return seen
+
+    def _state_only_initializers(self) -> set:
+        """Initializers consumed only at inputs a rule declares as state (BatchNorm's running stats)."""
+        uses: dict = {}
+        for node in self.nodes:
+            entry = self.entry_for(node)
+            state = set(entry.state_inputs) if entry is not None else set()
+            for i, name in enumerate(node.input):
+                if name:
+                    uses.setdefault(name, []).append(i in state)
+        return {name for name, flags in uses.items() if flags and all(flags)}
 
     def _check_path_ops(self, on_path: list) -> None:
         missing = [n for n in on_path if self.entry_for(n) is None]
@@ -388,6 +428,7 @@ class _Builder:
             "Sum", list(parts), [out], name=node_name,
             doc_string=f"onnxbp: sum of the {len(parts)} gradient contributions to '{name}' (fan-out)"))
         self._created.add(out)
+        self.infos[out] = TensorInfo(self.info(name).elem_type, None)
         grads[name] = [out]
         return out
 

@@ -55,6 +55,7 @@ class RuleEntry:
     smoothness: str = SMOOTH
     min_opset: int = 1
     reason: str = ""
+    state_inputs: tuple = ()
 
     def covers(self, opset: int) -> bool:
         return self.since <= opset <= self.until
@@ -115,6 +116,7 @@ class Registry:
         non_differentiable_inputs: Sequence[int] = (),
         smoothness: str = SMOOTH,
         min_opset: int = 1,
+        state_inputs: Sequence[int] = (),
     ) -> Callable[[Callable], Callable]:
         """Decorator: register ``fn(g) -> gradients`` as the rule for ``op_type``.
 
@@ -122,7 +124,10 @@ class Registry:
         ``non_differentiable_inputs`` lists input indices through which no
         gradient flows (shape, indices, axes inputs).  ``min_opset`` is the
         default-domain opset the emitted backward ops need; older models are
-        converted with onnx's version converter first.
+        converted with onnx's version converter first.  ``state_inputs`` lists
+        inputs that hold state rather than trainable parameters (BatchNorm's
+        running mean and variance): initializers used only there are left out
+        of the default ``wrt`` (they can still be requested by name).
         """
         if smoothness not in (LINEAR, PIECEWISE, SMOOTH):
             raise RuleRegistrationError(
@@ -144,6 +149,7 @@ class Registry:
                 non_differentiable_inputs=tuple(non_differentiable_inputs),
                 smoothness=smoothness,
                 min_opset=min_opset,
+                state_inputs=tuple(state_inputs),
             )
             self._add(entry, override)
             return fn

@@ -1,0 +1,299 @@
+"""Normalization layers, LRN and Dropout.
+
+Normalization over a set of axes ``A`` (BatchNormalization in training mode:
+batch and spatial axes; InstanceNormalization: spatial axes;
+LayerNormalization: the trailing axes from ``axis``)::
+
+    mu = mean_A(X),  var = mean_A((X - mu)^2),  inv = 1 / sqrt(var + eps)
+    x^ = (X - mu) * inv,  Y = scale * x^ + B
+
+Backward, with ``X^' = Y' * scale`` and means over ``A`` (the chain rule
+through mu and var; the same bookkeeping the seeds use for the linear layer,
+seed 000/001 section 1 and seed 002 section 2.2, where a parameter broadcast
+over axes gets the output gradient summed over them)::
+
+    X'     = inv * (X^' - mean_A(X^') - x^ * mean_A(X^' * x^))
+    scale' = sum over the broadcast axes of Y' * x^
+    B'     = sum over the broadcast axes of Y'
+
+BatchNormalization in inference mode uses the given mean/var instead of
+batch statistics, so it is an affine map of X::
+
+    X' = Y' * scale * inv,  mean' = -sum(Y') * scale * inv,
+    var' = -1/2 * sum(Y' * (X - mean)) * scale * inv^3
+
+In training mode the running_mean/running_var outputs are treated as
+statistics, not as differentiable functions of X (as in PyTorch, where they
+are buffers updated without autograd): no gradient flows from them into X,
+scale or B.  Their exact dependence on input_mean/input_var,
+``running = momentum * input + (1 - momentum) * batch``, gives
+``input_mean' = momentum * running_mean'`` (likewise var), and exactly zero when
+nothing downstream uses running_mean (Y does not depend on input_mean then).
+
+LRN (``D = bias + alpha/size * window_sum_c(X^2)``, ``Y = X * D^-beta``)::
+
+    X' = Y' * D^-beta - (2 alpha beta / size) * X * window_sum^T(Y' * X * D^(-beta-1))
+
+where ``window_sum^T`` sums over the mirrored channel window.
+
+Dropout in training mode is ``Y = X * mask / (1 - ratio)``, so
+``X' = Where(mask, Y' / (1 - ratio), 0)`` with the mask the forward produced
+(``g.forward_output(1)`` adds the output if the model omitted it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper, numpy_helper
+
+from ..registry import LINEAR, SMOOTH, register_gradient
+
+
+# ---------------------------------------------------------------- helpers
+def _reduce_mean(g, x, axes, keepdims=True):
+    axes = [int(a) for a in axes]
+    if not axes:
+        return x
+    if g.opset >= 18:
+        return g.op("ReduceMean", x, g.ints(axes), keepdims=int(keepdims))
+    return g.op("ReduceMean", x, axes=axes, keepdims=int(keepdims))
+
+
+def _zeros_like(g, t):
+    value = numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(g.dtype(t))))
+    return g.op("ConstantOfShape", g.op("Shape", t), value=value)
+
+
+def _channel(g, p, rank):
+    """A per-channel (C,) tensor reshaped to broadcast against (N, C, ...)."""
+    return g.unsqueeze(p, [0] + list(range(2, rank)))
+
+
+def _normalized_backward(g, dxhat, xhat, inv, axes):
+    """inv * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over ``axes``."""
+    m1 = _reduce_mean(g, dxhat, axes)
+    m2 = _reduce_mean(g, g.op("Mul", dxhat, xhat), axes)
+    inner = g.op("Sub", g.op("Sub", dxhat, m1), g.op("Mul", xhat, m2))
+    return g.op("Mul", inv, inner)
+
+
+def _stats(g, x, axes, eps):
+    """(x - mu, inv, x^) over ``axes``, recomputed in x's dtype."""
+    mu = _reduce_mean(g, x, axes)
+    xc = g.op("Sub", x, mu)
+    var = _reduce_mean(g, g.op("Mul", xc, xc), axes)
+    inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, like=x))))
+    return xc, inv, g.op("Mul", xc, inv)
+
+
+# ---------------------------------------------------------------- BatchNormalization
+def _bn_training(g) -> bool:
+    if g.opset >= 14:
+        return bool(g.attr("training_mode", 0))
+    if g.opset >= 7:  # training mode iff the optional outputs are present
+        return any(g.output(i) for i in range(1, len(g.outputs)))
+    return not g.attr("is_test", 0)
+
+
+@register_gradient("BatchNormalization", smoothness=SMOOTH, state_inputs=(3, 4),
+                   lowering="inference: affine in X (X'=Y'*scale/sqrt(var+eps)); training: full backward "
+                            "through the batch mean and variance; running stats not differentiated")
+def batch_norm_grad(g):
+    x, scale, bias, mean, var = (g.input(i) for i in range(5))
+    dy = g.grad_output(0)
+    rank = g.rank(x)
+    if rank < 2:
+        g.fail("BatchNormalization needs an input of rank >= 2 (N, C, ...)")
+    if g.opset < 9 and not g.attr("spatial", 1):
+        g.fail("BatchNormalization with spatial=0 is not supported; only spatial=1")
+    eps = float(g.attr("epsilon", 1e-5))
+    sp = list(range(2, rank))
+    red = [0] + sp
+    out = [None] * 5
+    if _bn_training(g):
+        if dy is not None:
+            _, inv, xhat = _stats(g, x, red, eps)
+            if g.needs_grad(0):
+                dxhat = g.op("Mul", dy, _channel(g, scale, rank))
+                out[0] = _normalized_backward(g, dxhat, xhat, inv, red)
+            if g.needs_grad(1):
+                out[1] = g.reduce_sum(g.op("Mul", dy, xhat), red, keepdims=False)
+            if g.needs_grad(2):
+                out[2] = g.reduce_sum(dy, red, keepdims=False)
+        for i, k in ((3, 1), (4, 2)):
+            if g.needs_grad(i):
+                # Y does not depend on input_mean/var in training mode; running = momentum * input + ...
+                d = g.grad_output(k)
+                out[i] = (g.op("Mul", d, g.const(float(g.attr("momentum", 0.9)), like=mean)) if d is not None
+                          else _zeros_like(g, g.input(i)))
+        if g.needs_grad(0) and out[0] is None:
+            g.fail("in training mode X reaches the outputs only through running_mean/running_var, which "
+                   "are not differentiated; request gradients of Y's inputs through Y")
+        for i in (1, 2):  # scale and B do not enter running_mean/running_var: exactly zero
+            if g.needs_grad(i) and out[i] is None:
+                out[i] = _zeros_like(g, g.input(i))
+        return out
+    if dy is None:
+        g.fail("only output Y is differentiated in inference mode")
+    inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, like=var))))
+    sinv = g.op("Mul", scale, inv)
+    if g.needs_grad(0):
+        out[0] = g.op("Mul", dy, _channel(g, sinv, rank))
+    sdy = g.reduce_sum(dy, red, keepdims=False)
+    if g.needs_grad(1) or g.needs_grad(4):
+        xc = g.op("Sub", x, _channel(g, mean, rank))
+        sdyxc = g.reduce_sum(g.op("Mul", dy, xc), red, keepdims=False)
+        if g.needs_grad(1):
+            out[1] = g.op("Mul", sdyxc, inv)
+        if g.needs_grad(4):
+            inv3 = g.op("Mul", inv, g.op("Mul", inv, inv))
+            out[4] = g.op("Mul", g.op("Mul", sdyxc, g.op("Mul", scale, inv3)), g.const(-0.5, like=var))
+    if g.needs_grad(2):
+        out[2] = sdy
+    if g.needs_grad(3):
+        out[3] = g.op("Neg", g.op("Mul", sdy, sinv))
+    return out
+
+
+# ---------------------------------------------------------------- Layer / Instance
+@register_gradient("LayerNormalization", since=17, smoothness=SMOOTH,
+                   lowering="X'=inv*(X^'-mean(X^')-x^*mean(X^'*x^)) over the normalized axes; "
+                            "Scale'/B' summed over leading axes; Mean/InvStdDev outputs differentiated too")
+def layer_norm_grad(g):
+    x, scale = g.input(0), g.input(1)
+    b = g.input(2)
+    rank = g.rank(x)
+    axis = g.attr("axis", -1)
+    axis = axis + rank if axis < 0 else axis
+    axes = list(range(axis, rank))
+    eps = float(g.attr("epsilon", 1e-5))
+    dy = g.grad_output(0)
+    _, inv, xhat = _stats(g, x, axes, eps)
+    out = [None, None, None]
+    if g.needs_grad(0):
+        parts = []
+        if dy is not None:
+            parts.append(_normalized_backward(g, g.op("Mul", dy, scale), xhat, inv, axes))
+        d_mean, d_inv = g.grad_output(1), g.grad_output(2)
+        if d_mean is not None or d_inv is not None:
+            shape = g.static_shape(x, axes=axes)
+            m = float(np.prod([shape[a] for a in axes]))
+            if d_mean is not None:  # Mean = mean(X): X' += Mean'/M
+                d_mean = _cast_like(g, d_mean, g.output(1), x)
+                parts.append(g.op("Expand", g.op("Mul", d_mean, g.const(1.0 / m, like=x)), g.op("Shape", x)))
+            if d_inv is not None:  # InvStdDev = (var+eps)^-1/2: X' += -InvStdDev' * inv^2 * x^ / M
+                d_inv = _cast_like(g, d_inv, g.output(2), x)
+                coef = g.op("Mul", g.op("Mul", d_inv, g.op("Mul", inv, inv)), g.const(-1.0 / m, like=x))
+                parts.append(g.op("Mul", coef, xhat))
+        out[0] = g.add_n(parts)
+    if g.needs_grad(1):
+        if dy is None:
+            g.fail("Scale reaches the outputs only through Mean/InvStdDev, which do not depend on it")
+        out[1] = g.unbroadcast(g.op("Mul", dy, xhat), scale, grad_shape=x)
+    if b is not None and g.needs_grad(2):
+        if dy is None:
+            g.fail("B reaches the outputs only through Mean/InvStdDev, which do not depend on it")
+        out[2] = g.unbroadcast(dy, b, grad_shape=x)
+    return out
+
+
+def _cast_like(g, t, t_src, like):
+    if g.dtype(t_src) and g.dtype(t_src) != g.dtype(like):
+        return g.op("Cast", t, to=g.dtype(like))
+    return t
+
+
+@register_gradient("InstanceNormalization", smoothness=SMOOTH,
+                   lowering="X'=inv*(X^'-mean(X^')-x^*mean(X^'*x^)) over spatial axes; "
+                            "scale'=sum(Y'*x^), B'=sum(Y') over N and spatial axes")
+def instance_norm_grad(g):
+    x, scale = g.input(0), g.input(1)
+    dy = g.grad_output(0)
+    rank = g.rank(x)
+    if rank < 3:
+        g.fail("InstanceNormalization needs an input of rank >= 3 (N, C, spatial...)")
+    sp = list(range(2, rank))
+    eps = float(g.attr("epsilon", 1e-5))
+    _, inv, xhat = _stats(g, x, sp, eps)
+    out = [None, None, None]
+    if g.needs_grad(0):
+        out[0] = _normalized_backward(g, g.op("Mul", dy, _channel(g, scale, rank)), xhat, inv, sp)
+    if g.needs_grad(1):
+        out[1] = g.reduce_sum(g.op("Mul", dy, xhat), [0] + sp, keepdims=False)
+    if g.needs_grad(2):
+        out[2] = g.reduce_sum(dy, [0] + sp, keepdims=False)
+    return out
+
+
+# ---------------------------------------------------------------- LRN
+def _window_sum(g, t, like, channels, rank, before, after, size):
+    """sum_{k=0}^{size-1} Pad(t, channel pads (before, after))[:, c + k]."""
+    pads = [0] * (2 * rank)
+    pads[1], pads[rank + 1] = before, after
+    if g.opset >= 11:
+        p = g.op("Pad", t, g.ints(pads), g.const(0.0, like=like))
+    else:
+        p = g.op("Pad", t, pads=pads, value=0.0)
+    if size == 1:
+        return p
+    return g.add_n([g.slice(p, [k], [k + channels], [1]) for k in range(size)])
+
+
+@register_gradient("LRN", smoothness=SMOOTH,
+                   lowering="X'=Y'*D^-beta - 2*alpha*beta/size * X * window_sum^T(Y'*X*D^(-beta-1)), "
+                            "D=bias+alpha/size*window_sum(X^2)")
+def lrn_grad(g):
+    x = g.input(0)
+    dy = g.grad_output(0)
+    rank = g.rank(x)
+    channels = g.static_shape(x, axes=[1])[1]
+    size = int(g.attr("size"))
+    alpha = float(g.attr("alpha", 1e-4))
+    beta = float(g.attr("beta", 0.75))
+    bias = float(g.attr("bias", 1.0))
+    # ONNX: square_sum[c] sums channels max(0, c - lo) .. min(C-1, c + hi).
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+    s = _window_sum(g, g.op("Mul", x, x), x, channels, rank, lo, hi, size)
+    d = g.op("Add", g.op("Mul", s, g.const(alpha / size, like=x)), g.const(bias, like=x))
+    d_mb = g.op("Pow", d, g.const(-beta, like=x))
+    t = g.op("Div", g.op("Mul", g.op("Mul", dy, x), d_mb), d)
+    back = _window_sum(g, t, x, channels, rank, hi, lo, size)  # the transposed (mirrored) window
+    corr = g.op("Mul", g.op("Mul", x, back), g.const(2.0 * alpha * beta / size, like=x))
+    return [g.op("Sub", g.op("Mul", dy, d_mb), corr)]
+
+
+# ---------------------------------------------------------------- Dropout
+@register_gradient("Dropout", smoothness=LINEAR, non_differentiable_inputs=(1, 2),
+                   lowering="inference: X'=Y'; training: X'=Where(mask, Y'/(1-ratio), 0) with the "
+                            "forward's mask output")
+def dropout_grad(g):
+    x = g.input(0)
+    dy = g.grad_output(0)
+    if g.opset < 7:
+        if g.attr("is_test", 0):
+            return [dy]
+        # Opsets < 7 have no Where: the mask output has X's float type, so multiply by it.
+        scale = g.const(1.0 / (1.0 - float(g.attr("ratio", 0.5))), like=x)
+        return [g.op("Mul", g.op("Mul", dy, g.op("Cast", g.forward_output(1), to=g.dtype(x))), scale)]
+    if g.opset < 12:  # no training mode in opsets 7..11: Dropout is the identity
+        return [dy]
+    tm_name = g.input(2)
+    if tm_name is None:
+        return [dy, None, None]
+    tm = g.constant_value(tm_name)
+    if tm is not None and not bool(np.asarray(tm).reshape(-1)[0]):
+        return [dy, None, None]
+    ratio_name = g.input(1)
+    ratio = 0.5 if ratio_name is None else g.constant_value(ratio_name)
+    if ratio is not None:
+        scale = g.const(1.0 / (1.0 - float(np.asarray(ratio).reshape(-1)[0])), like=x)
+    else:
+        r = g.op("Cast", ratio_name, to=g.dtype(x))
+        scale = g.op("Reciprocal", g.op("Sub", g.const(1.0, like=x), r))
+    if tm is None:  # decided at run time; in inference the mask is all true
+        scale = g.op("Where", tm_name, scale, g.const(1.0, like=x))
+    return [_masked(g, x, dy, g.forward_output(1), scale), None, None]
+
+
+def _masked(g, x, dy, mask, scale):
+    return g.op("Where", mask, g.op("Mul", dy, scale), g.const(0.0, like=x))

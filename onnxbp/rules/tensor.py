@@ -1,0 +1,522 @@
+"""Ops that move, select or replicate elements, and ConvTranspose.
+
+Every op here is linear in its data input(s) ``X``: ``Y = A X`` for a 0/1
+selection-or-replication matrix ``A`` fixed by the attributes and the
+index/shape inputs.  The gradient is the adjoint ``X' = A^T Y'``, the same
+reasoning the seeds apply to the linear layer (seed 000/001 section 1.1,
+``X' = Y' . W^T``) and to flatten (seed 002: a reshape is undone by the
+inverse reshape):
+
+- selection (Slice, Gather, GatherElements, Split, crop-Pad): ``A^T`` scatters
+  ``Y'`` back to the selected positions, zeros elsewhere (Pad / ScatterElements
+  with ``reduction="add"`` where indices may repeat);
+- concatenation (Concat, padding Pad): ``A^T`` cuts ``Y'`` into the pieces;
+- replication (Expand, Tile): ``A^T`` sums the copies (seed 002 section 2.2:
+  the bias gradient sums the output gradient over the axes it was broadcast);
+- permutation (Transpose) / relabelling (Squeeze, Unsqueeze): the inverse.
+
+Where(C, X, Y) routes ``Y'`` to X where C holds and to Y elsewhere.
+
+ConvTranspose is the adjoint of Conv w.r.t. its input (seed 004, "Alternative
+with transposed convolution"), so its input gradient is the Conv itself with
+the same strides, dilations, pads and group; its weight gradient is the conv
+weight-gradient identity (seed 000/001 section 2.4.1, seed 004 summary) with
+the roles of X and Y' swapped: batch and channel axes exchanged, the stride
+becoming the dilation and the dilation the stride.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from ..registry import LINEAR, register_gradient
+
+_INT64_MIN = -(2 ** 63)
+_INT64_MAX = 2 ** 63 - 1
+
+
+# ---------------------------------------------------------------- helpers
+def _zeros_like(g, t, like=None):
+    """A zero tensor shaped like ``t`` (runtime shape), dtype of ``like`` (default ``t``)."""
+    like = like or t
+    elem = g.dtype(like)
+    if g.opset >= 9:
+        value = numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(elem)))
+        return g.op("ConstantOfShape", g.op("Shape", t), value=value)
+    return g.const(np.zeros(g.static_shape(t)), like=like)
+
+
+def _pad(g, t, pads, like):
+    """Constant-0 Pad of a backward tensor ``t`` (dtype of forward tensor ``like``)."""
+    if not any(pads):
+        return t
+    if g.opset >= 11:
+        return g.op("Pad", t, g.ints(pads), g.const(0.0, like=like))
+    return g.op("Pad", t, pads=[int(p) for p in pads], value=0.0)
+
+
+def _dim(g, x, axis):
+    """Runtime size of ``x`` along ``axis`` as a 1-element int64 tensor."""
+    return g.op("Gather", g.op("Shape", x), g.ints([axis]))
+
+
+def _norm_axis(g, axis, rank):
+    if not -rank <= axis < max(rank, 1):
+        g.fail(f"axis {axis} is out of range for rank {rank}")
+    return axis % rank if rank else 0
+
+
+# ---------------------------------------------------------------- Concat / Split
+@register_gradient("Concat", smoothness=LINEAR,
+                   lowering="X_i'=Slice(Y', offset_i, offset_i+dim_i, axis) (runtime offsets if dims symbolic)")
+def concat_grad(g):
+    dy = g.grad_output(0)
+    xs = g.inputs
+    rank = g.rank(g.output(0))
+    axis = _norm_axis(g, g.attr("axis", 1), rank)
+    dims = [(g.shape(x) or (None,) * rank)[axis] for x in xs]
+    out = [None] * len(xs)
+    if all(isinstance(d, int) for d in dims):
+        off = 0
+        for i, d in enumerate(dims):
+            if g.needs_grad(i):
+                out[i] = g.slice(dy, [off], [off + d], [axis])
+            off += d
+        return out
+    if g.opset < 10:
+        g.fail(f"the sizes along axis {axis} of the inputs are not all static ({dims}); slicing at "
+               f"runtime offsets needs opset >= 10")
+    start = g.ints([0])
+    axes = g.ints([axis])
+    for i, (x, d) in enumerate(zip(xs, dims)):
+        size = g.ints([d]) if isinstance(d, int) else _dim(g, x, axis)
+        end = g.op("Add", start, size)
+        if g.needs_grad(i):
+            out[i] = g.op("Slice", dy, start, end, axes)
+        start = end
+    return out
+
+
+@register_gradient("Split", smoothness=LINEAR, non_differentiable_inputs=(1,),
+                   lowering="X'=Concat(Y_k' or zeros shaped like Y_k, axis)")
+def split_grad(g):
+    # Opsets differ only in how the sizes are given (attribute split <13,
+    # input >=13, num_outputs >=18); the outputs themselves carry the sizes.
+    parts = []
+    for k, y in enumerate(g.outputs):
+        d = g.grad_output(k)
+        parts.append(d if d is not None else _zeros_like(g, y))
+    return [g.op("Concat", *parts, axis=g.attr("axis", 0)), None]
+
+
+# ---------------------------------------------------------------- Slice
+def _slice_params(g, rank):
+    """(starts, ends, axes, steps) as python lists, or None where not constant."""
+    if g.opset < 10:
+        starts, ends = g.attr("starts"), g.attr("ends")
+        axes = g.attr("axes", list(range(len(starts))))
+        return list(starts), list(ends), list(axes), [1] * len(starts)
+    vals = [g.constant_value(g.input(i)) for i in range(1, 5)]
+    starts, ends, axes, steps = [None if v is None else [int(e) for e in np.asarray(v).reshape(-1)]
+                                 for v in vals]
+    n = len(starts) if starts is not None else (len(ends) if ends is not None else None)
+    if n is None:  # both computed at run time: their static length still fixes the default axes
+        sshape = g.shape(g.input(1))
+        n = sshape[0] if sshape and isinstance(sshape[0], int) else None
+    if g.input(3) is None and n is not None:
+        axes = list(range(n))
+    if g.input(4) is None and n is not None:
+        steps = [1] * n
+    return starts, ends, axes, steps
+
+
+def _onnx_slice_indices(dim, start, end, step):
+    """The indices ONNX Slice selects along one axis (clamping as in the spec)."""
+    if step == 0:
+        raise ValueError("step 0")
+    if start < 0:
+        start += dim
+    if end < 0:
+        end += dim
+    if step > 0:
+        start, end = min(max(start, 0), dim), min(max(end, 0), dim)
+    else:
+        start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+    return list(range(start, end, step))
+
+
+@register_gradient("Slice", smoothness=LINEAR, non_differentiable_inputs=(1, 2, 3, 4),
+                   lowering="X'=Pad(Y') for step 1; steps: zero-interleave via Unsqueeze/Pad/Reshape, "
+                            "negative steps reversed first; runtime params: ScatterElements per axis")
+def slice_grad(g):
+    x = g.input(0)
+    dy = g.grad_output(0)
+    rank = g.rank(x)
+    starts, ends, axes, steps = _slice_params(g, rank)
+    if axes is not None:
+        axes = [_norm_axis(g, a, rank) for a in axes]
+    shape = g.shape(x)
+    static = (None not in (starts, ends, axes, steps)
+              and all(isinstance(shape[a], int) for a in axes))
+    if static:
+        if any(s == 0 for s in steps):
+            g.fail("Slice with step 0 is invalid")
+        return [_slice_grad_static(g, x, dy, rank, starts, ends, axes, steps)]
+    if g.opset < 11:
+        g.fail("Slice parameters or the sliced dims are not known at build time; the runtime "
+               "gradient (Range + ScatterElements) needs opset >= 11")
+    if axes is None:
+        g.fail("Slice with runtime axes is not supported (axes must be a constant or omitted)")
+    return [_slice_grad_runtime(g, x, dy, rank, axes)]
+
+
+def _slice_grad_static(g, x, dy, rank, starts, ends, axes, steps):
+    shape = g.shape(x)
+    pads = [0] * (2 * rank)
+    t = dy
+    for start, end, a, step in zip(starts, ends, axes, steps):
+        dim = shape[a]
+        idx = _onnx_slice_indices(dim, start, end, step)
+        if not idx:
+            return _zeros_like(g, x)
+        n = len(idx)
+        if step < 0:  # reverse Y' along a: its element j came from idx[j], now ascending
+            t = g.slice(t, [-1], [_INT64_MIN], [a], [-1])
+            idx = idx[::-1]
+        s = abs(step)
+        first = idx[0]
+        if s > 1 and n > 1:
+            # Interleave s-1 zeros after every element: (.., n, ..) -> (.., n, s, ..) -> (.., n*s, ..)
+            mult = [1] * rank
+            mult[a] = s
+            target = g.op("Mul", g.op("Shape", t), g.ints(mult))
+            u = g.unsqueeze(t, [a + 1])
+            upad = [0] * (2 * (rank + 1))
+            upad[rank + 1 + a + 1] = s - 1
+            t = g.op("Reshape", _pad(g, u, upad, x), target)
+            span = n * s
+        else:
+            span = n
+        pads[a] = first
+        pads[rank + a] = dim - first - span  # negative: crop the trailing interleaved zeros
+    return _pad(g, t, pads, x)
+
+
+def _slice_grad_runtime(g, x, dy, rank, axes):
+    def param(i, k, default):
+        name = g.input(i)
+        if name is None:
+            return g.ints([default])
+        v = g.op("Slice", name, g.ints([k]), g.ints([k + 1]), g.ints([0]))
+        return g.op("Cast", v, to=TensorProto.INT64)
+
+    t = dy
+    zero_s, one_s = g.const(0, dtype=np.int64), g.const(1, dtype=np.int64)
+    for k, a in enumerate(axes):
+        dim = _dim(g, x, a)
+        every = g.op("Range", zero_s, g.squeeze(dim, [0]), one_s)  # 0 .. dim-1: positions along a
+        sel = g.op("Slice", every, param(1, k, 0), param(2, k, 0), g.ints([0]), param(4, k, 1))
+        idx_shape = [1] * rank
+        idx_shape[a] = -1
+        idx = g.op("Expand", g.op("Reshape", sel, g.ints(idx_shape)), g.op("Shape", t))
+        # Scatter the selected positions into zeros shaped like t with X's length along a.
+        mask = np.zeros(rank, dtype=bool)
+        mask[a] = True
+        new_shape = g.op("Where", g.const(mask), g.op("Expand", dim, g.ints([rank])), g.op("Shape", t))
+        value = numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(g.dtype(x))))
+        zeros = g.op("ConstantOfShape", new_shape, value=value)
+        t = g.op("ScatterElements", zeros, idx, t, axis=a)
+    return t
+
+
+# ---------------------------------------------------------------- permutations, relabelling
+@register_gradient("Transpose", smoothness=LINEAR, lowering="X'=Transpose(Y', inverse perm)")
+def transpose_grad(g):
+    rank = g.rank(g.input(0))
+    perm = g.attr("perm", list(range(rank))[::-1])
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return [g.transpose(g.grad_output(0), inv)]
+
+
+@register_gradient("Squeeze", smoothness=LINEAR, non_differentiable_inputs=(1,),
+                   lowering="X'=Reshape(Y', Shape(X))")
+def squeeze_grad(g):
+    return [g.op("Reshape", g.grad_output(0), g.op("Shape", g.input(0))), None]
+
+
+@register_gradient("Unsqueeze", smoothness=LINEAR, non_differentiable_inputs=(1,),
+                   lowering="X'=Reshape(Y', Shape(X))")
+def unsqueeze_grad(g):
+    return [g.op("Reshape", g.grad_output(0), g.op("Shape", g.input(0))), None]
+
+
+# ---------------------------------------------------------------- replication
+@register_gradient("Expand", since=8, smoothness=LINEAR, non_differentiable_inputs=(1,),
+                   lowering="X'=Y' summed over the broadcast axes (ReduceSum)")
+def expand_grad(g):
+    return [g.unbroadcast(g.grad_output(0), g.input(0)), None]
+
+
+@register_gradient("Tile", since=6, smoothness=LINEAR, non_differentiable_inputs=(1,),
+                   lowering="X'=ReduceSum(Reshape(Y', [r0,d0,r1,d1,...]), axes=[0,2,...])")
+def tile_grad(g):
+    x, reps = g.input(0), g.input(1)
+    rank = g.rank(x)
+    if rank == 0:
+        return [g.grad_output(0), None]
+    reps64 = g.op("Cast", reps, to=TensorProto.INT64)
+    # Y[i_0*d0 + j_0, ...] = X[j_0, ...]: Y' viewed as (r0, d0, r1, d1, ...) sums over the r's.
+    pairs = g.op("Concat", g.unsqueeze(reps64, [1]), g.unsqueeze(g.op("Shape", x), [1]), axis=1)
+    target = g.op("Reshape", pairs, g.ints([-1]))
+    t = g.op("Reshape", g.grad_output(0), target)
+    return [g.reduce_sum(t, list(range(0, 2 * rank, 2)), keepdims=False), None]
+
+
+# ---------------------------------------------------------------- gathers
+def _nonneg_indices(g, idx, x, axis):
+    idx = g.op("Cast", idx, to=TensorProto.INT64)
+    dim = _dim(g, x, axis)
+    neg = g.op("Less", idx, g.const(0, dtype=np.int64))
+    return g.op("Where", neg, g.op("Add", idx, dim), idx)
+
+
+@register_gradient("Gather", smoothness=LINEAR, non_differentiable_inputs=(1,), min_opset=16,
+                   lowering="data'=ScatterElements(zeros, indices, Y' reshaped, axis, reduction=add)")
+def gather_grad(g):
+    x, idx = g.input(0), g.input(1)
+    dy = g.grad_output(0)
+    rank = g.rank(x)
+    axis = _norm_axis(g, g.attr("axis", 0), rank)
+    flat = g.op("Reshape", _nonneg_indices(g, idx, x, axis), g.ints([-1]))
+    # Y' has shape d[:axis] + idx.shape + d[axis+1:]; fold the index dims into one.
+    parts = []
+    if axis > 0:
+        parts.append(g.op("Shape", x, end=axis))
+    parts.append(g.ints([-1]))
+    if axis + 1 < rank:
+        parts.append(g.op("Shape", x, start=axis + 1))
+    upd_shape = parts[0] if len(parts) == 1 else g.op("Concat", *parts, axis=0)
+    upd = g.op("Reshape", dy, upd_shape)
+    idx_shape = [1] * rank
+    idx_shape[axis] = -1
+    idx_full = g.op("Expand", g.op("Reshape", flat, g.ints(idx_shape)), g.op("Shape", upd))
+    dx = g.op("ScatterElements", _zeros_like(g, x), idx_full, upd, axis=axis, reduction="add")
+    return [dx, None]
+
+
+@register_gradient("GatherElements", smoothness=LINEAR, non_differentiable_inputs=(1,), min_opset=16,
+                   lowering="data'=ScatterElements(zeros, indices, Y', axis, reduction=add)")
+def gather_elements_grad(g):
+    x, idx = g.input(0), g.input(1)
+    rank = g.rank(x)
+    axis = _norm_axis(g, g.attr("axis", 0), rank)
+    idx = _nonneg_indices(g, idx, x, axis)
+    dx = g.op("ScatterElements", _zeros_like(g, x), idx, g.grad_output(0), axis=axis, reduction="add")
+    return [dx, None]
+
+
+# ---------------------------------------------------------------- Pad
+@register_gradient("Pad", since=2, smoothness=LINEAR, non_differentiable_inputs=(1, 3),
+                   lowering="constant mode: X'=Pad(Y', -pads) (crops the padding, re-pads cropped "
+                            "regions with 0), value'=sum(Y')-sum(X'); reflect/edge/wrap: centre plus the "
+                            "border regions folded back (Slice, reversed Slice / ReduceSum, Pad, Sum)")
+def pad_grad(g):
+    x = g.input(0)
+    dy = g.grad_output(0)
+    mode = g.attr("mode", "constant")
+    if mode not in ("constant", "reflect", "edge", "wrap"):
+        g.fail(f"Pad mode {mode!r} is unknown; supported: constant, reflect, edge, wrap")
+    if mode != "constant":
+        return _pad_grad_border(g, x, dy, mode)
+    if g.opset < 11:
+        pads = g.attr("pads")
+        return [_pad(g, dy, [-int(p) for p in pads], x)]
+    pads_value = g.constant_value(g.input(1))
+    neg = (g.ints([-int(p) for p in np.asarray(pads_value).reshape(-1)]) if pads_value is not None
+           else g.op("Neg", g.input(1)))
+    args = [dy, neg, g.const(0.0, like=x)]
+    if g.input(3) is not None:
+        args.append(g.input(3))
+    dx = g.op("Pad", *args)
+    out = [dx if g.needs_grad(0) else None, None, None, None]
+    if g.needs_grad(2):
+        cv = g.input(2)
+        rank = g.rank(x)
+        total = g.reduce_sum(dy, list(range(rank)), keepdims=False)
+        inner = g.reduce_sum(dx, list(range(rank)), keepdims=False)
+        out[2] = g.op("Reshape", g.op("Sub", total, inner), g.op("Shape", cv))
+    return out
+
+
+def _pad_grad_border(g, x, dy, mode):
+    """reflect / edge / wrap: the centre of Y' plus each border region folded back onto the
+    input positions it copied (reversed for reflect, summed into the edge row for edge, shifted
+    for wrap).  Axis by axis; needs constant pads and static dims on the padded axes."""
+    rank = g.rank(x)
+    if g.opset < 11:
+        pads = list(g.attr("pads"))
+    else:
+        pv = g.constant_value(g.input(1))
+        if pv is None:
+            g.fail(f"Pad mode {mode!r} needs constant pads for its gradient (pads is computed at run time)")
+        pads = [int(p) for p in np.asarray(pv).reshape(-1)]
+    axes = list(range(rank))
+    if g.input(3) is not None:
+        av = g.constant_value(g.input(3))
+        if av is None:
+            g.fail(f"Pad mode {mode!r} needs constant axes for its gradient")
+        axes = [_norm_axis(g, int(a), rank) for a in np.asarray(av).reshape(-1)]
+    n = len(axes)
+    if any(p < 0 for p in pads):
+        g.fail(f"Pad mode {mode!r} with negative pads is not supported; only constant mode crops")
+    t = dy
+    for k, a in enumerate(axes):
+        b, e = pads[k], pads[n + k]
+        if not b and not e:
+            continue
+        dim = g.static_shape(x, axes=[a])[a]
+        parts = [g.slice(t, [b], [b + dim], [a])]
+        if mode == "reflect" and (b > dim - 1 or e > dim - 1):
+            g.fail(f"Pad mode 'reflect' with pads ({b}, {e}) on an axis of size {dim}: pads must be < {dim}")
+        if mode == "wrap" and (b > dim or e > dim):
+            g.fail(f"Pad mode 'wrap' with pads ({b}, {e}) larger than the axis size {dim} is not supported")
+        for begin, size in ((True, b), (False, e)):
+            if not size:
+                continue
+            lo = 0 if begin else b + dim
+            region = g.slice(t, [lo], [lo + size], [a])
+            pad = [0] * (2 * rank)
+            if mode == "edge":  # every border element copied X's first / last row
+                region = g.reduce_sum(region, [a], keepdims=True)
+                pad[rank + a if begin else a] = dim - 1
+            elif mode == "reflect":  # Y[b-1-j] = X[1+j] before, Y[b+dim+j] = X[dim-2-j] after
+                region = g.slice(region, [-1], [_INT64_MIN], [a], [-1])
+                pad[a], pad[rank + a] = (1, dim - 1 - size) if begin else (dim - 1 - size, 1)
+            else:  # wrap: Y[j] = X[dim-b+j] before, Y[b+dim+j] = X[j] after
+                pad[a], pad[rank + a] = (dim - size, 0) if begin else (0, dim - size)
+            parts.append(_pad(g, region, pad, x))
+        t = g.add_n(parts)
+    return [t, None, None, None][: max(1, len(g.inputs))]
+
+
+# ---------------------------------------------------------------- Where
+@register_gradient("Where", smoothness=LINEAR, non_differentiable_inputs=(0,),
+                   lowering="X'=Where(C, Y', 0), Y'=Where(C, 0, Y'), each summed over broadcast axes")
+def where_grad(g):
+    c, a, b = g.inputs
+    dy = g.grad_output(0)
+    zero = g.const(0.0, like=g.output(0))
+    da = db = None
+    if g.needs_grad(1):
+        da = g.unbroadcast(g.op("Where", c, dy, zero), a)
+    if g.needs_grad(2):
+        db = g.unbroadcast(g.op("Where", c, zero, dy), b)
+    return [None, da, db]
+
+
+# ---------------------------------------------------------------- ConvTranspose
+@register_gradient("ConvTranspose", smoothness=LINEAR,
+                   lowering="X'=Conv(Y', W, same strides/dilations/pads/group); "
+                            "W'=Conv(Y'^T, X^T, strides<->dilations) cropped; B'=ReduceSum(Y')")
+def conv_transpose_grad(g):
+    x, w = g.input(0), g.input(1)
+    dy = g.grad_output(0)
+    rank = g.rank(x)
+    nsp = rank - 2
+    if nsp < 1:
+        g.fail("ConvTranspose needs at least one spatial axis")
+    ws = g.static_shape(w)
+    xs = g.static_shape(x, axes=range(1, rank))
+    ys = g.static_shape(g.output(0), axes=range(1, rank))
+    ks = list(ws[2:])
+    strides = list(g.attr("strides", [1] * nsp))
+    dil = list(g.attr("dilations", [1] * nsp))
+    group = int(g.attr("group", 1))
+    opad = list(g.attr("output_padding", [0] * nsp))
+    auto_pad = g.attr("auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        g.fail(f"ConvTranspose auto_pad={auto_pad!r} is unknown; supported: NOTSET, VALID, SAME_UPPER, SAME_LOWER")
+    out_shape = g.attr("output_shape")
+    if out_shape is not None and len(out_shape) == rank:  # some exporters include N and C
+        out_shape = list(out_shape)[2:]
+    if auto_pad == "VALID" and out_shape is None:
+        pads = [0] * (2 * nsp)
+    elif auto_pad == "NOTSET" and out_shape is None:
+        pads = list(g.attr("pads", [0] * (2 * nsp)))
+    else:
+        # The spec's pad generation: total = natural size - requested size; SAME_UPPER puts
+        # the odd extra at the end, anything else at the beginning.
+        want = out_shape if out_shape is not None else [xs[2 + i] * strides[i] for i in range(nsp)]
+        begins, ends = [], []
+        for i in range(nsp):
+            total = strides[i] * (xs[2 + i] - 1) + opad[i] + (ks[i] - 1) * dil[i] + 1 - int(want[i])
+            if total < 0:
+                g.fail(f"output_shape {list(want)} is larger than the natural output size on spatial axis {i}; "
+                       f"only cropping output shapes are supported")
+            b = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+            begins.append(b)
+            ends.append(total - b)
+        pads = begins + ends
+    # Output sizes the forward produced, per the spec (checked against inference).
+    for i in range(nsp):
+        want = strides[i] * (xs[2 + i] - 1) + opad[i] + (ks[i] - 1) * dil[i] + 1 - pads[i] - pads[nsp + i]
+        if want != ys[2 + i]:
+            g.fail(f"spatial dim {i}: expected output size {want} from the attributes, shape inference "
+                   f"says {ys[2 + i]}")
+    out = [None, None, None]
+    sp = list(range(2, rank))
+    if g.needs_grad(0):
+        # ConvTranspose is Conv's adjoint w.r.t. its input, so X' is that Conv (seed 004).
+        dx = g.op("Conv", dy, w, strides=strides, dilations=dil, pads=pads, group=group,
+                  kernel_shape=ks)
+        # Conv yields H + floor(output_padding / stride) rows: drop the extra ones.
+        extra = [i for i in range(nsp) if opad[i] >= strides[i]]
+        if extra:
+            dx = g.slice(dx, [0] * len(extra), [xs[2 + i] for i in extra], [2 + i for i in extra])
+        out[0] = dx
+    if g.needs_grad(1):
+        out[1] = _conv_transpose_dw(g, x, dy, xs, ys, ks, strides, dil, pads, opad, group)
+    if len(g.inputs) > 2 and g.input(2) is not None and g.needs_grad(2):
+        out[2] = g.reduce_sum(dy, [0] + sp, keepdims=False)
+    return out
+
+
+def _conv_transpose_dw(g, x, dy, xs, ys, ks, strides, dil, pads, opad, group):
+    """W'[c, o, k] = sum_{n,i} X[n, c, i] Y'[n, o, i*s - pb + k*d]  (seed 000/001 section 2.4.1).
+
+    A Conv whose batch axis is Y's channel axis and whose channel axis is the
+    batch: input Y'^T (C_out, N, Hy), weight X^T (C_in, N, Hx), stride = d,
+    dilation = s, pads (pb, max(pe - output_padding, 0)); the output (C_out,
+    C_in, K') is cropped to K and transposed to W's (C_in, C_out/group, K).
+    With groups, the batch is folded into each group's channels.
+    """
+    rank = len(xs)
+    nsp = rank - 2
+    cin, cout = xs[1], ys[1]
+    cig, cog = cin // group, cout // group
+    sp = list(range(2, rank))
+    cpads = list(pads[:nsp]) + [max(pads[nsp + i] - opad[i], 0) for i in range(nsp)]
+    if group == 1:
+        a = g.transpose(dy, [1, 0] + sp)  # (C_out, N, Hy)
+        b = g.transpose(x, [1, 0] + sp)  # (C_in, N, Hx)
+    else:
+        # (N, g*cog, Hy) -> (cog, g, N, Hy) -> (cog, g*N, Hy)
+        a = g.op("Reshape", dy, g.ints([0, group, cog] + list(ys[2:])))
+        a = g.transpose(a, [2, 1, 0] + [s + 1 for s in sp])
+        a = g.op("Reshape", a, g.ints([cog, -1] + list(ys[2:])))
+        # (N, g*cig, Hx) -> (g, cig, N, Hx) -> (g*cig, N, Hx)
+        b = g.op("Reshape", x, g.ints([0, group, cig] + list(xs[2:])))
+        b = g.transpose(b, [1, 2, 0] + [s + 1 for s in sp])
+        b = g.op("Reshape", b, g.ints([cin, -1] + list(xs[2:])))
+    r = g.op("Conv", a, b, strides=dil, dilations=strides, pads=cpads, group=group,
+             kernel_shape=list(xs[2:]))
+    # r: (C_out or cog, C_in, K'); K' >= K.
+    kp = [(ys[2 + i] + cpads[i] + cpads[nsp + i] - ((xs[2 + i] - 1) * strides[i] + 1)) // dil[i] + 1
+          for i in range(nsp)]
+    crop = [i for i in range(nsp) if kp[i] != ks[i]]
+    if crop:
+        r = g.slice(r, [0] * len(crop), [ks[i] for i in crop], [2 + i for i in crop])
+    return g.transpose(r, [1, 0] + sp)
