@@ -1,0 +1,282 @@
+"""Conv: the seeds' back-propagation of convolution, as standard ONNX ops.
+
+Notation (seed 001 section 2, per spatial axis; N batch, C input channels,
+M output channels, g groups, Cg = C/g, Mg = M/g)::
+
+    X (N, C, n...)   W (M, Cg, k...)   Y (N, M, out...)
+    Y[b, m, p] = sum_{c in group(m), r} Xpad[b, c, p*s + r*d] * W[m, c, r] + B[m]
+    Xpad = X padded by pads (pb at the begin, pe at the end); ek = (k-1)*d + 1
+    out  = floor((n + pb + pe - ek) / s) + 1      rem = n+pb+pe - ((out-1)*s + ek)
+
+auto_pad is first resolved to explicit pads (conv_arith.resolve_auto_pad,
+ONNX spec: total = max(0, (ceil(n/s)-1)*s + ek - n), SAME_UPPER puts the odd
+extra at the end).  All padding arithmetic lives in conv_arith (pure ints).
+
+Seed equation -> ops (option ``conv_strategy``):
+
+BPA, seed 001 sections 2.1.2 / 2.2.2 / 2.3.2 / 2.4.2::
+
+    dX[b, c, h] = sum_{m, r} dY[b, m, (h + pb - r*d)/s] * W[m, c, r]   (only where s divides)
+
+  (a) "transpose": ConvTranspose(dY, W, strides=s, dilations=d, pads=pads,
+      group=g, output_padding=rem).  ConvTranspose *is* this sum; its output
+      length s*(out-1) + ek + output_padding - pb - pe equals n exactly for
+      output_padding = rem < s (conv_arith.transpose_output_padding).  No
+      output_shape attribute (with output_shape set, onnxruntime ignores pads).
+  (b) "seed": literally the seed's recipe.  "Dilate the padded O' by
+      inserting zeros": Unsqueeze a new axis after every strided axis, Pad it
+      with s-1 zeros, Reshape (zero insertion, (out-1)*s + 1 positions, the
+      s-1 trailing zeros are trimmed by the next step).  "Pad O' with
+      (R-1)*d - pad": Pad by ((k-1)*d - pb, (k-1)*d - pe + rem) per axis,
+      negatives as Slice crops (conv_arith.bpa_pads; the + rem makes the
+      untouched tail read zeros, so its gradient is exactly 0).  "W' is W
+      rotated 180 degrees": Slice(steps=-1) on the kernel axes, then the K/C
+      swap of section 2.4.2: Transpose(1,0) for g=1, else Reshape (g, Mg, Cg,
+      k) -> Transpose -> Reshape (C, Mg, k).  Then Conv(group=g, stride 1,
+      dilation d, no pads) -> (N, C, n...).
+
+BPW, seed 001 sections 2.1.1 / 2.2.1 / 2.3.1 / 2.4.1::
+
+    dW[m, c, r] = sum_{b, p} dY[b, m, p] * Xpad[b, c, p*s + r*d]
+
+  (a) "transpose" (2.4.1.1, "convolution of A and O'"): N and C swap roles:
+      X -> (Cg, g*N, n) by Reshape (N, g, Cg, n) -> Transpose -> Reshape, dY ->
+      (M, N, out) by Reshape (N, g, Mg, out) -> Transpose -> Reshape, then
+      Conv(group=g, pads=pads, strides=d, dilations=s) (2.3.1: "a dilated
+      convolution with dilate=stride and stride=d") -> (Cg, M, >=k); Slice to
+      the first k positions (conv_arith.bpw_crop) and Transpose to (M, Cg, k).
+      Group g of X only meets group g of dY, so depthwise (Cg=1) and channel
+      multipliers (Mg>1) need nothing special.
+  (b) "seed" (2.1.1.2 / 2.4.1.2, "convolution of O' and A"): with r' = k-1-r,
+      dW[m, c, k-1-r'] = sum_h Zp[b, m, h + r'*d] * X[b, c, h], where Zp is
+      BPA(b)'s zero-inserted, padded dY (shared when both are needed).  So:
+      Zp -> (Mg, g*N, n+(k-1)*d), X -> (C, N, n) as the kernel, Conv(group=g,
+      stride d, dilation 1, no pads) -> (Mg, C, k) -> Reshape/Transpose to
+      (M, Cg, k) -> rotate 180 degrees (Slice, steps=-1).  The seed's padding
+      (R-1-pad) is BPA(b)'s.  It runs s^dims times the multiply-adds of (a)
+      on stride-s convs (half the data is inserted zeros) and its kernel is
+      the whole input map, so it is the slower form; kept for fidelity and as
+      an independent check.
+
+Bias (seed 002 section 3.1.2): dB = ReduceSum(dY, axes=[0, 2, ...]).
+
+"auto" picks per node what benchmarks/bench_conv.py measured faster on ORT
+CPU (onnxruntime 1.32, 2 intra-op threads, no spinning; ResNet-style 3x3
+s1/s2, 1x1 s1/s2, 7x7 s2 stem, depthwise 3x3 s1/s2; batch 8/32; 28x28 and
+56x56 maps; median seed/transpose time ratios, docs/conv-backward.md):
+
+  dX: "seed" when every stride is 1 and the kernel is not 1x1: seed/transpose
+      0.39-1.01 (median 0.59) over 3x3 and depthwise 3x3 stride-1 cases in
+      a 21-repeat run (ORT's ConvTranspose pays a col2im pass that a plain
+      Conv with the constant-folded rotated kernel avoids); "transpose"
+      otherwise: 2.3-43x faster at stride 2 (the seed form computes on
+      1 - 1/s^2 inserted zeros), a tie (0.77-1.72, noise) for 1x1 stride 1.
+  dW: "transpose" always: a tie at stride 1 (0.75-1.89, noise), 1.8-32x
+      faster at stride 2 and for the 7x7 stem.
+
+Shapes: spatial dims of X must be static (g.static_shape raises a ShapeError
+naming X otherwise); W's dims come from W or from kernel_shape / Y / X; the
+batch dim may be symbolic (Reshape uses 0 / -1 for it).  JAX's transpose
+rules (jax/_src/lax/convolution.py, _conv_general_vjp_lhs_padding /
+_rhs_padding) use the same pads: before = (k-1)*d - pb, after = n + (k-1)*d
+- (out-1)*s - 1 - before, which is conv_arith.bpa_pads.
+"""
+
+from __future__ import annotations
+
+from ..registry import LINEAR, REGISTRY, register_gradient
+from . import conv_arith as ca
+
+STRATEGIES = ("auto", "transpose", "seed")
+
+REGISTRY.declare_option(
+    "conv_strategy", choices=STRATEGIES, default="auto",
+    help="Conv backward lowering: 'transpose' = dX by ConvTranspose, dW by a channel-swapped Conv "
+         "(seed 2.4.1.1); 'seed' = dX by Conv of the zero-inserted, padded dY with the 180-degree "
+         "rotated kernel, dW by Conv of that dY with X (seed 2.4.1.2); 'auto' = what measured faster "
+         "on onnxruntime CPU: dX by 'seed' for stride-1 convs with a kernel larger than 1, else "
+         "'transpose'; dW by 'transpose'",
+)
+
+_INT64_MIN = -(2 ** 63)
+
+
+class _Conv:
+    """The static facts of one Conv node, resolved once."""
+
+    def __init__(self, g):
+        self.g = g
+        x, w = g.input(0), g.input(1)
+        self.x, self.w = x, w
+        rank = g.rank(x)
+        if rank < 3:
+            g.fail(f"Conv input {x!r} has rank {rank}; the gradient needs (N, C, spatial...) with rank >= 3")
+        self.rank, self.nsp = rank, rank - 2
+        self.sp_axes = list(range(2, rank))
+        xs = g.static_shape(x, axes=self.sp_axes)
+        self.n = [int(v) for v in xs[2:]]
+        self.group = int(g.attr("group", 1))
+        kernel = g.attr("kernel_shape")
+        if kernel is None:
+            kernel = g.static_shape(w, axes=self.sp_axes)[2:]
+        self.k = [int(v) for v in kernel]
+        self.s = [int(v) for v in (g.attr("strides") or [1] * self.nsp)]
+        self.d = [int(v) for v in (g.attr("dilations") or [1] * self.nsp)]
+        for name, vals in (("kernel_shape", self.k), ("strides", self.s), ("dilations", self.d)):
+            if len(vals) != self.nsp or any(v < 1 for v in vals):
+                g.fail(f"{name}={vals} must have {self.nsp} values >= 1 (input rank {rank})")
+        auto_pad = g.attr("auto_pad", "NOTSET")
+        if auto_pad not in ca.AUTO_PAD_MODES:
+            g.fail(f"auto_pad={auto_pad!r} is not supported; use one of {', '.join(ca.AUTO_PAD_MODES)}")
+        pads = g.attr("pads") if auto_pad == "NOTSET" else None
+        if pads is not None and (len(pads) != 2 * self.nsp or any(p < 0 for p in pads)):
+            g.fail(f"pads={list(pads)} must have {2 * self.nsp} values >= 0")
+        self.pads = ca.resolve_auto_pad(auto_pad, self.n, self.k, self.s, self.d, pads)
+        self.pb, self.pe = self.pads[:self.nsp], self.pads[self.nsp:]
+        self.out = [ca.conv_out_size(*a) for a in self._axes()]
+        if any(o < 1 for o in self.out):
+            g.fail(f"kernel {self.k} (dilations {self.d}) is larger than the padded input {self.n}")
+        # Channel counts: from W when static, else from Y / X.
+        ws, ys, xsh = g.shape(w) or (None,) * rank, g.shape(g.output(0)) or (None,) * rank, xs
+        m = ws[0] if isinstance(ws[0], int) else ys[1]
+        if not isinstance(m, int):
+            m = g.static_shape(w, axes=[0])[0]
+        cg = ws[1] if isinstance(ws[1], int) else (xsh[1] // self.group if isinstance(xsh[1], int) else None)
+        if not isinstance(cg, int):
+            cg = g.static_shape(w, axes=[1])[1]
+        self.m, self.cg = int(m), int(cg)
+        if self.m % self.group:
+            g.fail(f"group={self.group} does not divide the {self.m} output channels")
+        self.mg, self.c = self.m // self.group, self.cg * self.group
+
+    def _axes(self):
+        return zip(self.n, self.k, self.s, self.d, self.pb, self.pe)
+
+
+def _dilate_and_pad(g, dy, cv: _Conv):
+    """Seed BPA steps 1-2: zero-insert dY (stride-1 zeros), pad/crop by conv_arith.bpa_pads."""
+    t, length = dy, list(cv.out)
+    strided = [i for i in range(cv.nsp) if cv.s[i] > 1]
+    if strided:
+        new_axes, pos = [], 2
+        for i in range(cv.nsp):
+            pos += 1
+            if cv.s[i] > 1:
+                new_axes.append(pos)
+                pos += 1
+        t = g.unsqueeze(t, new_axes)
+        zpad = [0] * (2 * pos)
+        for ax, i in zip(new_axes, strided):
+            zpad[pos + ax] = cv.s[i] - 1
+        t = g.op("Pad", t, g.ints(zpad))  # constant 0 (opset >= 11: min_opset)
+        length = [o * s for o, s in zip(cv.out, cv.s)]
+        t = g.op("Reshape", t, g.ints([0, 0] + length))
+    begin, end = [], []
+    for i, a in enumerate(cv._axes()):
+        b, e = ca.bpa_pads(*a)
+        begin.append(b)
+        end.append(e - (cv.s[i] - 1))  # the reshape left s-1 trailing zeros
+    cb, ce, pb, pe = ca.split_pads(begin, end)
+    if any(cb) or any(ce):
+        t = g.slice(t, cb, [ln - c for ln, c in zip(length, ce)], cv.sp_axes)
+    if any(pb) or any(pe):
+        t = g.op("Pad", t, g.ints([0, 0] + pb + [0, 0] + pe))
+    return t
+
+
+def _rotate(g, t, cv: _Conv):
+    """Rotate the kernel axes by 180 degrees (Slice with steps -1)."""
+    return g.slice(t, [-1] * cv.nsp, [_INT64_MIN] * cv.nsp, cv.sp_axes, [-1] * cv.nsp)
+
+
+def _bpa_transpose(g, dy, cv: _Conv):
+    op = [ca.transpose_output_padding(*a) for a in cv._axes()]
+    return g.op("ConvTranspose", dy, cv.w, strides=cv.s, dilations=cv.d, pads=cv.pads,
+                group=cv.group, output_padding=op if any(op) else None)
+
+
+def _bpa_seed(g, zp, cv: _Conv):
+    w = _rotate(g, cv.w, cv)
+    sp = list(range(2, cv.rank))
+    if cv.group == 1:
+        wt = g.transpose(w, [1, 0] + sp)
+    elif cv.mg == 1 or cv.cg == 1:  # swapping a size-1 axis is a reshape
+        wt = g.op("Reshape", w, g.ints([cv.c, cv.mg] + cv.k))
+    else:
+        wt = g.op("Reshape", w, g.ints([cv.group, cv.mg, cv.cg] + cv.k))
+        wt = g.transpose(wt, [0, 2, 1] + [a + 1 for a in sp])
+        wt = g.op("Reshape", wt, g.ints([cv.c, cv.mg] + cv.k))
+    return g.op("Conv", zp, wt, group=cv.group, dilations=cv.d)
+
+
+def _bpw_transpose(g, x, dy, cv: _Conv):
+    sp, gr = list(range(2, cv.rank)), cv.group
+    if gr == 1:
+        xt = g.transpose(x, [1, 0] + sp)  # (C, N, n)
+        dyt = g.transpose(dy, [1, 0] + sp)  # (M, N, out)
+    else:
+        xt = g.op("Reshape", x, g.ints([0, gr, cv.cg] + cv.n))
+        xt = g.transpose(xt, [2, 1, 0] + [a + 1 for a in sp])  # (Cg, g, N, n)
+        xt = g.op("Reshape", xt, g.ints([cv.cg, -1] + cv.n))
+        dyt = g.op("Reshape", dy, g.ints([0, gr, cv.mg] + cv.out))
+        dyt = g.transpose(dyt, [1, 2, 0] + [a + 1 for a in sp])  # (g, Mg, N, out)
+        dyt = g.op("Reshape", dyt, g.ints([cv.m, -1] + cv.out))
+    dw = g.op("Conv", xt, dyt, group=gr if gr > 1 else None, pads=cv.pads if any(cv.pads) else None,
+              strides=cv.d, dilations=cv.s)  # (Cg, M, >= k)
+    full = [ca.bpw_crop(*a) for a in cv._axes()]
+    if full != cv.k:
+        dw = g.slice(dw, [0] * cv.nsp, cv.k, sp)
+    return g.transpose(dw, [1, 0] + sp)
+
+
+def _bpw_seed(g, x, zp, cv: _Conv):
+    sp, gr = list(range(2, cv.rank)), cv.group
+    lz = [n + (k - 1) * d for n, k, d in zip(cv.n, cv.k, cv.d)]
+    if gr == 1:
+        data = g.transpose(zp, [1, 0] + sp)  # (M, N, n + (k-1)d)
+        kern = g.transpose(x, [1, 0] + sp)  # (C, N, n)
+    else:
+        data = g.op("Reshape", zp, g.ints([0, gr, cv.mg] + lz))
+        data = g.transpose(data, [2, 1, 0] + [a + 1 for a in sp])  # (Mg, g, N, lz)
+        data = g.op("Reshape", data, g.ints([cv.mg, -1] + lz))
+        kern = g.op("Reshape", x, g.ints([0, gr, cv.cg] + cv.n))
+        kern = g.transpose(kern, [1, 2, 0] + [a + 1 for a in sp])  # (g, Cg, N, n)
+        kern = g.op("Reshape", kern, g.ints([cv.c, -1] + cv.n))
+    dw = g.op("Conv", data, kern, group=gr if gr > 1 else None, strides=cv.d)  # (Mg, C, k)
+    if gr > 1:
+        if cv.mg > 1:
+            dw = g.op("Reshape", dw, g.ints([cv.mg, gr, cv.cg] + cv.k))
+            dw = g.transpose(dw, [1, 0, 2] + [a + 1 for a in sp])  # (g, Mg, Cg, k)
+        dw = g.op("Reshape", dw, g.ints([cv.m, cv.cg] + cv.k))
+    return _rotate(g, dw, cv)
+
+
+def resolve_strategy(name: str, strides, kernel) -> tuple:
+    """(BPA lowering, BPW lowering) for a conv_strategy choice; "auto" per the module docstring."""
+    if name == "auto":
+        seed_dx = all(s == 1 for s in strides) and any(k > 1 for k in kernel)
+        return ("seed" if seed_dx else "transpose"), "transpose"
+    return name, name
+
+
+@register_gradient("Conv", smoothness=LINEAR, min_opset=11,
+                   lowering="dX=ConvTranspose(dY,W) or Conv(zero-inserted padded dY, rot180 W); "
+                            "dW=Conv(X^T, dY^T) or rot180(Conv(dY', X)); dB=ReduceSum(dY)")
+def conv_grad(g):
+    """Seed 001 sections 2.1-2.4 (BPA, BPW) and seed 002 section 3 (bias); see module docstring."""
+    x, dy = g.input(0), g.grad_output(0)
+    want = [g.needs_grad(i) for i in range(3)]
+    grads = [None, None, None]
+    if want[0] or want[1]:
+        cv = _Conv(g)
+        bpa, bpw = resolve_strategy(g.option("conv_strategy"), cv.s, cv.k)
+        zp = None
+        if (want[0] and bpa == "seed") or (want[1] and bpw == "seed"):
+            zp = _dilate_and_pad(g, dy, cv)
+        if want[0]:
+            grads[0] = _bpa_transpose(g, dy, cv) if bpa == "transpose" else _bpa_seed(g, zp, cv)
+        if want[1]:
+            grads[1] = _bpw_transpose(g, x, dy, cv) if bpw == "transpose" else _bpw_seed(g, x, zp, cv)
+    if want[2] and g.input(2) is not None:
+        grads[2] = g.reduce_sum(dy, [0] + list(range(2, g.rank(x))), keepdims=False)
+    return grads[:len(g.inputs)]
