@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxbp
 
-STRATEGIES = ("transpose", "seed", "auto")
+STRATEGIES = ("transpose", "seed", "patches", "auto")
 
 #: name, C, M, k, stride, pad, group
 CASES = [
@@ -140,11 +140,12 @@ def main(argv=None):
                     med = {s: statistics.median(v) for s, v in r.items()}
                     row = (part, name, batch, f"{size}x{size}",
                            *(f"{med[s]:.1f} ({min(r[s]):.1f}-{max(r[s]):.1f})" for s in STRATEGIES),
-                           f"{med['seed'] / med['transpose']:.2f}", f"{med['auto'] / med['transpose']:.2f}")
+                           f"{med['seed'] / med['transpose']:.2f}", f"{med['patches'] / med['transpose']:.2f}",
+                           f"{med['auto'] / med['transpose']:.2f}")
                     rows.append(row)
                     print("| " + " | ".join(map(str, row)) + " |", file=sys.stderr, flush=True)
     head = ("grads", "case", "batch", "map", *(f"{s} median (min-max)" for s in STRATEGIES),
-            "seed/transpose", "auto/transpose")
+            "seed/transpose", "patches/transpose", "auto/transpose")
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     for row in rows:

@@ -28,7 +28,7 @@ from onnx import helper
 import onnxbp
 from onnxbp.rules import conv_arith as ca
 
-STRATEGIES = ("transpose", "seed")
+STRATEGIES = ("transpose", "seed", "patches")
 GROUPS = [  # (C, M, group)
     (2, 3, 1), (3, 2, 1), (4, 4, 4), (3, 6, 3), (4, 6, 2), (6, 4, 2), (1, 2, 1),
 ]
@@ -316,6 +316,18 @@ def test_auto_picks_per_node(strides, kernel, expect):
     gm = onnxbp.gradient(_conv_model(c), ["W"])
     assert [n.op_type for n in gm.graph.node][1:].count("Conv") == 1  # dW: channel-swapped Conv
     assert not any(n.op_type == "Pad" for n in gm.graph.node)
+
+
+@pytest.mark.parametrize("channels,group,expect", [(8, 1, "patches"), (4, 1, "transpose"),
+                                                   (8, 2, "transpose"), (16, 16, "transpose")])
+def test_auto_weight_gradient_lowering(channels, group, expect):
+    """'auto': dW by one Gemm per kernel offset for group-1 convs with >= 8 input channels."""
+    c = _case(2, (6, 6), (3, 3), (1, 1), (1, 1), group=(channels, channels, group), pads=(1, 1, 1, 1))
+    ops = [n.op_type for n in onnxbp.gradient(_conv_model(c), ["W"]).graph.node][1:]
+    if expect == "patches":
+        assert ops.count("Gemm") == 9 and "Conv" not in ops
+    else:
+        assert "Gemm" not in ops and ops.count("Conv") == 1
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

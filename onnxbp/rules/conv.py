@@ -58,6 +58,15 @@ BPW, seed 001 sections 2.1.1 / 2.2.1 / 2.3.1 / 2.4.1::
       the whole input map, so it is the slower form; kept for fidelity and as
       an independent check.
 
+  (c) "patches" (seed 001 section 1.2, BPW of MMA ``W' = X^T . Y'``, on the
+      im2col view of section 2.4.1): for each kernel offset r the sum above
+      is one matrix product, ``dW[:, :, r] = dY(M, N*out) . Xr(C, N*out)^T``
+      with ``Xr[c, (b, p)] = Xpad[b, c, p*s + r*d]``: Transpose X to (C, N,
+      n), Pad it, one strided Slice per offset, Reshape (C, N*out), Gemm(dY,
+      Xr, transB=1) -> (M, C); Concat the k^dims results and reorder to (M,
+      C, k).  Only group=1 (grouped convs use (a)).  It avoids ORT's Conv
+      with a whole-map kernel and a 3x3 output (a GEMM with 9 columns).
+
 Bias (seed 002 section 3.1.2): dB = ReduceSum(dY, axes=[0, 2, ...]).
 
 "auto" picks per node what benchmarks/bench_conv.py measured faster on ORT
@@ -87,7 +96,7 @@ from __future__ import annotations
 from ..registry import LINEAR, REGISTRY, register_gradient
 from . import conv_arith as ca
 
-STRATEGIES = ("auto", "transpose", "seed")
+STRATEGIES = ("auto", "transpose", "seed", "patches")
 
 REGISTRY.declare_option(
     "conv_strategy", choices=STRATEGIES, default="auto",
@@ -95,7 +104,9 @@ REGISTRY.declare_option(
          "(seed 2.4.1.1); 'seed' = dX by Conv of the zero-inserted, padded dY with the 180-degree "
          "rotated kernel, dW by Conv of that dY with X (seed 2.4.1.2); 'auto' = what measured faster "
          "on onnxruntime CPU: dX by 'seed' for stride-1 convs with a kernel larger than 1, else "
-         "'transpose'; dW by 'transpose'",
+         "'transpose'; dW by 'patches' for group-1 convs with at least 8 input channels, else "
+         "'transpose'; 'patches' = dW by one Gemm per kernel offset on strided slices of X "
+         "(seed 1.2 on im2col), dX as in 'auto'",
 )
 
 _INT64_MIN = -(2 ** 63)
@@ -251,11 +262,50 @@ def _bpw_seed(g, x, zp, cv: _Conv):
     return _rotate(g, dw, cv)
 
 
-def resolve_strategy(name: str, strides, kernel) -> tuple:
+#: More kernel offsets than this and "patches" emits too many nodes: use "transpose".
+MAX_PATCHES = 64
+
+
+def _bpw_patches(g, x, dy, cv: _Conv):
+    """BPW (c): one Gemm per kernel offset on strided slices of the padded X (group 1)."""
+    import itertools
+
+    sp = list(range(2, cv.rank))
+    xt = g.transpose(x, [1, 0] + sp)  # (C, N, n...)
+    if any(cv.pads):
+        xt = g.op("Pad", xt, g.ints([0, 0] + cv.pb + [0, 0] + cv.pe))
+    dyr = g.op("Reshape", g.transpose(dy, [1, 0] + sp), g.ints([cv.m, -1]))  # (M, N*out)
+    strided = any(s > 1 for s in cv.s)
+    cols = []
+    for offs in itertools.product(*[range(k) for k in cv.k]):
+        starts = [o * d for o, d in zip(offs, cv.d)]
+        ends = [b + (o - 1) * s + 1 for b, o, s in zip(starts, cv.out, cv.s)]
+        padded = [n + b + e for n, b, e in zip(cv.n, cv.pb, cv.pe)]
+        xr = xt
+        if starts != [0] * cv.nsp or ends != padded or strided:
+            xr = g.slice(xt, starts, ends, sp, cv.s if strided else None)  # (C, N, out...)
+        xr = g.op("Reshape", xr, g.ints([cv.c, -1]))
+        cols.append(g.op("Gemm", dyr, xr, transB=1))  # (M, C)
+    if len(cols) == 1:
+        return g.op("Reshape", cols[0], g.ints([cv.m, cv.c] + cv.k))
+    dw = g.op("Concat", *cols, axis=1)  # (M, K*C), offset-major
+    dw = g.op("Reshape", dw, g.ints([cv.m, len(cols), cv.c]))
+    dw = g.transpose(dw, [0, 2, 1])
+    return g.op("Reshape", dw, g.ints([cv.m, cv.c] + cv.k))
+
+
+def resolve_strategy(name: str, strides, kernel, group: int = 1, in_channels: int = 0) -> tuple:
     """(BPA lowering, BPW lowering) for a conv_strategy choice; "auto" per the module docstring."""
-    if name == "auto":
+    n_offsets = 1
+    for k in kernel:
+        n_offsets *= k
+    patches_ok = group == 1 and n_offsets <= MAX_PATCHES
+    if name in ("auto", "patches"):
         seed_dx = all(s == 1 for s in strides) and any(k > 1 for k in kernel)
-        return ("seed" if seed_dx else "transpose"), "transpose"
+        bpa = "seed" if seed_dx else "transpose"
+        if name == "patches":
+            return bpa, ("patches" if patches_ok else "transpose")
+        return bpa, ("patches" if patches_ok and in_channels >= 8 else "transpose")
     return name, name
 
 
@@ -269,14 +319,15 @@ def conv_grad(g):
     grads = [None, None, None]
     if want[0] or want[1]:
         cv = _Conv(g)
-        bpa, bpw = resolve_strategy(g.option("conv_strategy"), cv.s, cv.k)
+        bpa, bpw = resolve_strategy(g.option("conv_strategy"), cv.s, cv.k, cv.group, cv.c)
         zp = None
         if (want[0] and bpa == "seed") or (want[1] and bpw == "seed"):
             zp = _dilate_and_pad(g, dy, cv)
         if want[0]:
             grads[0] = _bpa_transpose(g, dy, cv) if bpa == "transpose" else _bpa_seed(g, zp, cv)
         if want[1]:
-            grads[1] = _bpw_transpose(g, x, dy, cv) if bpw == "transpose" else _bpw_seed(g, x, zp, cv)
+            bpw_fn = {"transpose": _bpw_transpose, "patches": _bpw_patches}.get(bpw)
+            grads[1] = bpw_fn(g, x, dy, cv) if bpw_fn else _bpw_seed(g, x, zp, cv)
     if want[2] and g.input(2) is not None:
         grads[2] = g.reduce_sum(dy, [0] + list(range(2, g.rank(x))), keepdims=False)
     return grads[:len(g.inputs)]
