@@ -1,0 +1,176 @@
+"""``onnxbp train``: train a forward ONNX model with plain onnxruntime (thin; the work is in onnxbp.training)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULTS = {"loss": "cross_entropy", "optimizer": "adamw", "lr": 5e-3, "epochs": 15, "batch_size": 16}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a model (forward+loss+backward+optimizer as one ONNX graph)",
+        description="Build ONE training-step graph of standard ops (forward, loss, backward, optimizer "
+                    "update), run it with onnxruntime, and write the trained inference model.")
+    p.add_argument("model", help="forward ONNX model (.onnx)")
+    p.add_argument("--data", required=True,
+                   help="an .npz with x_train, y_train, x_test, y_test, or 'digits' (scikit-learn's 8x8 digits)")
+    p.add_argument("--loss", default=DEFAULTS["loss"], choices=("cross_entropy", "mse", "l1", "output"),
+                   help="loss on the model output (default: cross_entropy; 'output': the output is the loss)")
+    p.add_argument("--optimizer", default=DEFAULTS["optimizer"], choices=("sgd", "adam", "adamw"),
+                   help="optimizer, PyTorch's update rules (default: adamw)")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="learning rate (default: 5e-3, the peak of the cosine schedule)")
+    p.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"),
+                   help="learning rate per batch: cosine annealing from --lr to 0 over the run, or constant "
+                        "(default: cosine)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--nesterov", action="store_true", help="SGD: Nesterov momentum")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="weight decay (default: 0.01 for adamw, 0 otherwise)")
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs (default: 15)")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="batch size (default: 16)")
+    p.add_argument("-o", "--output", required=True, help="where to write the trained model (.onnx)")
+    p.add_argument("--metrics", default=None, help="write per-epoch metrics as JSON here")
+    p.add_argument("--plot", default=None, help="draw loss and accuracy curves as PNG here (needs matplotlib)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="write a checkpoint to DIR after each epoch (atomically)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint DIR")
+    p.add_argument("--seed", type=int, default=0, help="seed for shuffling and dropout (default: 0)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: ORT's)")
+    p.add_argument("--freeze", nargs="+", default=None, metavar="NAME", help="parameters to keep constant")
+    p.add_argument("--requires-grad", nargs="+", default=None, metavar="NAME",
+                   help="train only these parameters (default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run)
+
+
+class _Progress:
+    """A plain-text progress bar on stderr, redrawn at most ~10 times a second."""
+
+    def __init__(self, stream, enabled: bool, width: int = 30):
+        self.stream, self.enabled, self.width = stream, enabled, width
+        self._last = 0.0
+
+    def batch(self, epoch, done, total, loss, epochs):
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if done != total and now - self._last < 0.1:
+            return
+        self._last = now
+        fill = int(self.width * done / total)
+        self.stream.write(f"\repoch {epoch}/{epochs} [{'#' * fill}{'.' * (self.width - fill)}] "
+                          f"{done}/{total} loss {loss:.4f}")
+        if done == total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def run(args) -> int:
+    from onnxbp.errors import OutputPathError
+    from onnxbp.training import DataError, Trainer, TrainingError, make_optimizer
+    from onnxbp.training.checkpoint import checkpoint_path
+    from onnxbp.training.data import load_dataset, validate_dataset
+    from onnxbp.training.loop import fit
+
+    if args.resume and not args.checkpoint:
+        raise TrainingError("--resume needs --checkpoint DIR (where the last checkpoint is)")
+    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
+        raise TrainingError("--epochs and --batch-size must be >= 1 and --lr > 0")
+    out = Path(args.output)
+    if not out.parent.exists():  # fail before training, not after
+        raise OutputPathError(f"output directory '{out.parent}' does not exist")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise TrainingError("--plot needs matplotlib (pip install 'onnxbp[plot]' or pip install matplotlib)") from None
+
+    opt_kwargs = {}
+    if args.optimizer == "sgd":
+        opt_kwargs = {"momentum": args.momentum, "nesterov": args.nesterov}
+    if args.weight_decay is not None:
+        opt_kwargs["weight_decay"] = args.weight_decay
+    optimizer = make_optimizer(args.optimizer, **opt_kwargs)
+    trainer = Trainer(args.model, loss=args.loss, optimizer=optimizer, requires_grad=args.requires_grad,
+                      frozen_params=args.freeze, threads=args.threads, seed=args.seed)
+    data = validate_dataset(load_dataset(args.data, trainer.input_dims), trainer.input_dims,
+                            trainer.input_name, args.loss, trainer.output_dims)
+    print(f"training {args.model}: {len(trainer.spec.params)} parameter tensors "
+          f"({sum(int(trainer.step_model.initial[p].size) for p in trainer.spec.params)} values), "
+          f"{len(data.x_train)} train / {len(data.x_test)} test samples, {args.optimizer} lr {args.lr:g}, "
+          f"batch {args.batch_size}", flush=True)
+    progress = _Progress(sys.stderr, not args.no_progress)
+
+    def on_epoch(rec):
+        acc = "" if rec["test_accuracy"] is None else f", test accuracy {rec['test_accuracy']:.4f}"
+        print(f"epoch {rec['epoch']}/{rec['epochs']}: train loss {rec['train_loss']:.4f}, "
+              f"test loss {rec['test_loss']:.4f}{acc} ({rec['seconds']:.1f} s)", flush=True)
+
+    t0 = time.perf_counter()
+    try:
+        history = fit(trainer, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      checkpoint_dir=args.checkpoint, resume=args.resume, lr_schedule=args.lr_schedule,
+                      on_batch=lambda e, d, t, l: progress.batch(e, d, t, l, args.epochs), on_epoch=on_epoch)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        if args.checkpoint and checkpoint_path(args.checkpoint).exists():
+            print(f"onnxbp: interrupted; the last checkpoint is intact at {checkpoint_path(args.checkpoint)} "
+                  f"(continue with --resume)", file=sys.stderr)
+        else:
+            print("onnxbp: interrupted; no checkpoint was written (use --checkpoint DIR)", file=sys.stderr)
+        return 130
+    elapsed = time.perf_counter() - t0
+    trainer.export(args.output, source=args.model)
+    final_acc = history["test_accuracy"][-1] if history["test_accuracy"] else None
+    metrics = dict(history)
+    metrics.update({"final_test_accuracy": final_acc, "final_train_loss":
+                    history["train_loss"][-1] if history["train_loss"] else None,
+                    "train_seconds": elapsed, "model": str(args.model), "data": str(args.data),
+                    "optimizer": trainer.spec.optimizer, "lr": args.lr, "lr_schedule": args.lr_schedule, "batch_size": args.batch_size,
+                    "seed": args.seed})
+    metrics["test_accuracy_per_epoch"] = metrics.pop("test_accuracy")
+    metrics["test_accuracy"] = final_acc
+    if args.metrics:
+        _write_json(args.metrics, metrics)
+    if args.plot:
+        _plot(history, args.plot)
+    acc = "" if final_acc is None else f", test accuracy {final_acc:.4f}"
+    print(f"wrote {args.output}{acc} ({elapsed:.1f} s training)")
+    return 0
+
+
+def _write_json(path, obj) -> None:
+    import tempfile
+
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2)
+    os.replace(tmp, p)
+
+
+def _plot(history, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(history["epoch"], history["train_loss"], "o-", label="train")
+    ax1.plot(history["epoch"], history["test_loss"], "s-", label="test")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    acc = [a for a in history["test_accuracy"] if a is not None]
+    if acc:
+        ax2.plot(history["epoch"][-len(acc):], acc, "o-", color="C2")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("test accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
