@@ -4,4 +4,15 @@ Importing a module registers its rules through the ``@register_gradient``
 decorators next to them.
 """
 
-from . import elementwise, linalg, shape  # noqa: F401
+from . import (  # noqa: F401
+    activation,  # Relu-like, sigmoid/tanh, Gelu/Erf, Exp/Log/Pow, Clip, ...
+    conv,  # Conv (seed derivations; conv_arith holds the pad arithmetic)
+    elementwise,  # Add/Sub/Mul/Div with broadcasting, Relu, Neg, Sum
+    linalg,  # Gemm, MatMul
+    loss,  # SoftmaxCrossEntropyLoss
+    norm,  # BatchNormalization, LayerNormalization, InstanceNormalization, LRN, Dropout
+    pool,  # MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool
+    reduce,  # Reduce*, Softmax/LogSoftmax, Mean/Max/Min
+    shape,  # Flatten, Reshape, Identity, Cast; no-gradient and not-differentiable ops
+    tensor,  # Concat, Split, Slice, Transpose, Squeeze, Unsqueeze, Expand, Tile, Gather, Pad, Where, ConvTranspose
+)
