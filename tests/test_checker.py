@@ -57,3 +57,69 @@ def test_report_table_lists_every_gradient():
     report = onnxbp.check_gradients(_model())
     table = report.table()
     assert "W" in table and "max rel err" in table and "ok" in table
+
+
+CONV_EMULATION_CASES = [
+    # dims, spatial, kernel, strides, dilations, pads / auto_pad, group, C, M
+    (2, (7, 6), (3, 3), (1, 1), (1, 1), [1, 1, 1, 1], 1, 3, 4),
+    (2, (8, 8), (3, 2), (2, 1), (1, 2), [0, 1, 2, 0], 1, 2, 3),
+    (2, (9, 7), (3, 3), (2, 2), (1, 1), "SAME_UPPER", 1, 2, 2),  # ORT: no dilation with SAME
+    (2, (6, 6), (3, 3), (1, 1), (1, 1), "VALID", 2, 4, 6),
+    (2, (6, 6), (3, 3), (2, 2), (1, 1), [1, 1, 1, 1], 4, 4, 8),  # depthwise with multiplier
+    (1, (11,), (3,), (2,), (2,), [2, 0], 1, 2, 3),
+    (3, (4, 5, 4), (2, 3, 2), (1, 2, 1), (1, 1, 2), [1, 0, 1, 0, 1, 1], 1, 2, 2),
+]
+
+
+@pytest.mark.parametrize("case", CONV_EMULATION_CASES, ids=lambda c: f"{c[0]}d-g{c[6]}")
+def test_float64_conv_emulation_matches_onnxruntime(case):
+    """The checker's float64 forward rewrites Conv as Slices and MatMuls: same numbers as ORT's Conv."""
+    from onnxbp.checker import _emulate_conv, _session, _to_float64
+
+    dims, n, k, s, d, pads, group, c, m = case
+    rng = np.random.default_rng(len(n) * 7 + group)
+    attrs = dict(kernel_shape=list(k), strides=list(s), dilations=list(d), group=group)
+    if isinstance(pads, str):
+        attrs["auto_pad"] = pads
+    else:
+        attrs["pads"] = pads
+    w = rng.standard_normal((m, c // group) + tuple(k)).astype(np.float32)
+    b = rng.standard_normal(m).astype(np.float32)
+    node = helper.make_node("Conv", ["X", "W", "B"], ["Y"], name="conv", **attrs)
+    model = make_model([node], [("X", np.float32, ["N", c] + list(n))], [("Y", np.float32, None)],
+                       {"W": w, "B": b}, check=False)
+    model.graph.output[0].type.tensor_type.shape.dim.add().dim_param = "N"
+    x = rng.standard_normal((2, c) + tuple(n)).astype(np.float32)
+    ref = _session(model).run(None, {"X": x})[0]
+    emulated = _to_float64(_emulate_conv(model, {"X": x.shape}))
+    assert not [n_ for n_ in emulated.graph.node if n_.op_type == "Conv"]
+    got = _session(emulated).run(None, {"X": x.astype(np.float64)})[0]
+    assert got.dtype == np.float64 and got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_conv_network_checks_in_float64(seed):
+    """LeNet (Conv, Relu, MaxPool, Gemm): per-element float64 checks, reliable at every seed."""
+    from pathlib import Path
+
+    lenet = Path(__file__).resolve().parent.parent / "models" / "lenet.onnx"
+    report = onnxbp.check_gradients(str(lenet), seed=seed, batch_size=3)
+    assert report.precision == "float64"
+    assert report.passed, report.table()
+
+
+def test_wrong_conv_rule_is_caught_in_float64():
+    from pathlib import Path
+
+    def bad_conv(g):
+        right = onnxbp.REGISTRY.lookup("Conv").fn(g)
+        return [right[0], right[1] and g.op("Mul", right[1], g.const(1.01, like=g.input(1))),
+                *right[2:]]
+
+    lenet = Path(__file__).resolve().parent.parent / "models" / "lenet.onnx"
+    reg = _registry_with("Conv", bad_conv, min_opset=11)
+    reg.declare_option("conv_strategy", ("auto",), "auto", "test")
+    gm = onnxbp.gradient(str(lenet), ["conv2.weight", "conv1.bias"], registry=reg)
+    report = onnxbp.check_gradients(str(lenet), grad_model=gm)
+    assert {r.name: r.passed for r in report.results} == {"conv2.weight": False, "conv1.bias": True}
