@@ -6,8 +6,12 @@ model's scalar ``f(p) = sum_Y <u_Y, Y(p)>``:
 
 float64 (preferred)
     The forward model is converted to float64 (initializers, Constant nodes,
-    Cast targets, graph types); Conv, which has no float64 kernel in
-    onnxruntime, is rewritten as Pad, strided Slices and MatMuls first.  Where onnxruntime has float64 kernels for
+    Cast targets, graph types); ops without a float64 kernel in onnxruntime
+    are rewritten first with ops that have one: Conv as Pad, strided Slices
+    and MatMuls, AveragePool as a sum of strided Slices over onnxruntime's
+    counts, GlobalAveragePool as ReduceMean, HardSigmoid and HardSwish with Min/Max, LRN as a
+    channel-window sum, Erf by Abramowitz & Stegun 7.1.26 (smooth, |error| <
+    1.5e-7).  Where onnxruntime has float64 kernels for
     every op, each sampled element is checked: ``(f(p+eps e_i) - f(p-eps e_i))
     / 2 eps`` with ``eps = 1e-6 max(1, |p_i|)``, plus random directions.
 float32 (fallback; onnxruntime's CPU Conv has no float64 kernel)
@@ -177,18 +181,6 @@ def _to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def _with_concrete_inputs(model: onnx.ModelProto, shapes: Mapping) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for vi in m.graph.input:
-        if vi.name in shapes:
-            dims = vi.type.tensor_type.shape
-            dims.ClearField("dim")
-            for d in shapes[vi.name]:
-                dims.dim.add().dim_value = int(d)
-    return m
-
-
 def _conv_as_matmuls(node: onnx.NodeProto, shapes: dict, fresh) -> list:
     """A Conv as Pad, strided Slices and MatMuls (onnxruntime has float64 kernels for these).
 
@@ -252,27 +244,182 @@ def _conv_as_matmuls(node: onnx.NodeProto, shapes: dict, fresh) -> list:
     return nodes
 
 
-def _emulate_conv(model: onnx.ModelProto, shapes: Mapping) -> onnx.ModelProto:
-    """Replace every Conv by :func:`_conv_as_matmuls` (needs concrete input shapes)."""
-    if not any(n.op_type == "Conv" and n.domain in ("", "ai.onnx") for n in model.graph.node):
+class _Emit:
+    """Node emission for the checker's float64 rewrites (never part of a gradient model)."""
+
+    def __init__(self, fresh, opset: int):
+        self.fresh, self.opset, self.nodes = fresh, opset, []
+
+    def const(self, values, dtype=np.int64):
+        name = self.fresh("onnxbp/check/const")
+        self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
+            np.asarray(values, dtype=dtype), name)))
+        return name
+
+    def fconst(self, values):
+        return self.const(values, np.float32)  # turned into float64 with the rest of the model
+
+    def op(self, op_type, *inputs, **kw):
+        out = self.fresh(f"onnxbp/check/{op_type}")
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **kw))
+        return out
+
+    def finish(self, value, output):
+        self.nodes.append(helper.make_node("Identity", [value], [output]))
+        return self.nodes
+
+
+def _attrs(node):
+    out = {}
+    for a in node.attribute:
+        v = helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+def _global_avgpool_f64(node, shapes, e: _Emit):
+    x = node.input[0]
+    axes = list(range(2, len(shapes[x])))
+    if e.opset >= 18:
+        y = e.op("ReduceMean", x, e.const(axes), keepdims=1)
+    else:
+        y = e.op("ReduceMean", x, axes=axes, keepdims=1)
+    return e.finish(y, node.output[0])
+
+
+def _avgpool_f64(node, shapes, e: _Emit):
+    """Sum of strided slices of the zero-padded input, divided by onnxruntime's counts."""
+    import itertools
+
+    from .rules import pool as pl
+
+    a = _attrs(node)
+    x = node.input[0]
+    xs = shapes[x]
+    n = list(xs[2:])
+    nsp = len(n)
+    k = list(a["kernel_shape"])
+    st = list(a.get("strides") or [1] * nsp)
+    dl = list(a.get("dilations") or [1] * nsp)
+    pads = list(a.get("pads") or [0] * (2 * nsp))
+    geo = [pl.pool_axis(n[i], k[i], st[i], dl[i], pads[i], pads[nsp + i], a.get("auto_pad", "NOTSET"),
+                        int(a.get("ceil_mode", 0))) for i in range(nsp)]
+    pb, pe, out = [g[0] for g in geo], [g[1] for g in geo], [g[2] for g in geo]
+    lo = [max(b, 0) for b in pb]
+    last = [(o - 1) * s_ - b + (kk - 1) * d + 1 for o, s_, b, kk, d in zip(out, st, pb, k, dl)]
+    hi = [max(0, ln - nn) for ln, nn in zip(last, n)]
+    sp = list(range(2, 2 + nsp))
+    xp = e.op("Pad", x, e.const([0, 0] + lo + [0, 0] + hi)) if any(lo) or any(hi) else x
+    terms = []
+    for offs in itertools.product(*[range(kk) for kk in k]):
+        starts = [o * d - b + l_ for o, d, b, l_ in zip(offs, dl, pb, lo)]
+        ends = [b_ + (o - 1) * s_ + 1 for b_, o, s_ in zip(starts, out, st)]
+        terms.append(e.op("Slice", xp, e.const(starts), e.const(ends), e.const(sp), e.const(st)))
+    total = terms[0] if len(terms) == 1 else e.op("Sum", *terms)
+    counts = pl.outer([pl.avg_counts(n[i], k[i], st[i], dl[i], pb[i], pe[i], out[i],
+                                     int(a.get("count_include_pad", 0))) for i in range(nsp)])
+    counts = np.where(counts == 0, 1.0, counts)
+    return e.finish(e.op("Div", total, e.fconst(counts)), node.output[0])
+
+
+def _hardsigmoid_f64(node, shapes, e: _Emit):
+    a = _attrs(node)
+    lin = e.op("Add", e.op("Mul", node.input[0], e.fconst(a.get("alpha", 0.2))), e.fconst(a.get("beta", 0.5)))
+    return e.finish(e.op("Max", e.op("Min", lin, e.fconst(1.0)), e.fconst(0.0)), node.output[0])
+
+
+def _hardswish_f64(node, shapes, e: _Emit):
+    x = node.input[0]
+    lin = e.op("Add", e.op("Mul", x, e.fconst(1.0 / 6.0)), e.fconst(0.5))
+    return e.finish(e.op("Mul", x, e.op("Max", e.op("Min", lin, e.fconst(1.0)), e.fconst(0.0))),
+                    node.output[0])
+
+
+def _erf_f64(node, shapes, e: _Emit):
+    """Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7, smooth): the forward the differences see."""
+    x = node.input[0]
+    ax = e.op("Abs", x)
+    t = e.op("Reciprocal", e.op("Add", e.fconst(1.0), e.op("Mul", ax, e.fconst(0.3275911))))
+    poly = e.fconst(1.061405429)
+    for c in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        poly = e.op("Add", e.op("Mul", poly, t), e.fconst(c))
+    poly = e.op("Mul", poly, t)
+    tail = e.op("Mul", poly, e.op("Exp", e.op("Neg", e.op("Mul", ax, ax))))
+    return e.finish(e.op("Mul", e.op("Sign", x), e.op("Sub", e.fconst(1.0), tail)), node.output[0])
+
+
+def _lrn_f64(node, shapes, e: _Emit):
+    a = _attrs(node)
+    x = node.input[0]
+    c = shapes[x][1]
+    size = int(a["size"])
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+    rank = len(shapes[x])
+    sq = e.op("Mul", x, x)
+    pads = [0] * (2 * rank)
+    pads[1], pads[rank + 1] = before, after
+    sqp = e.op("Pad", sq, e.const(pads))
+    terms = [e.op("Slice", sqp, e.const([j]), e.const([j + c]), e.const([1])) for j in range(size)]
+    window = terms[0] if size == 1 else e.op("Sum", *terms)
+    base = e.op("Add", e.fconst(a.get("bias", 1.0)), e.op("Mul", window, e.fconst(a.get("alpha", 1e-4) / size)))
+    return e.finish(e.op("Div", x, e.op("Pow", base, e.fconst(a.get("beta", 0.75)))), node.output[0])
+
+
+def _conv_f64(node, shapes, e: _Emit):
+    nodes = _conv_as_matmuls(node, shapes, e.fresh)
+    e.nodes.extend(nodes)
+    return e.nodes
+
+
+#: Ops onnxruntime's CPU provider has no float64 kernel for, rewritten for the checker's
+#: float64 forward with ops that have one.
+_FLOAT64_REWRITES = {
+    "Conv": _conv_f64,
+    "AveragePool": _avgpool_f64,
+    "GlobalAveragePool": _global_avgpool_f64,
+    "HardSigmoid": _hardsigmoid_f64,
+    "HardSwish": _hardswish_f64,
+    "Erf": _erf_f64,
+    "LRN": _lrn_f64,
+}
+
+
+def _runtime_shapes(model: onnx.ModelProto, feeds: Mapping, names: Sequence[str]) -> dict:
+    """Shapes of ``names`` from one onnxruntime run (concrete, whatever shape inference knew)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in have:
+            m.graph.output.append(helper.make_empty_tensor_value_info(name))
+            have.add(name)
+    del m.graph.value_info[:]
+    sess = _session(m)
+    inputs = {i.name for i in sess.get_inputs()}
+    values = sess.run(list(names), {k: v for k, v in feeds.items() if k in inputs})
+    return {name: list(np.shape(v)) for name, v in zip(names, values)}
+
+
+def _emulate_conv(model: onnx.ModelProto, feeds: Mapping) -> onnx.ModelProto:
+    """Rewrite the ops of :data:`_FLOAT64_REWRITES`; ``feeds`` give concrete shapes."""
+    targets = [n for n in model.graph.node
+               if n.op_type in _FLOAT64_REWRITES and n.domain in ("", "ai.onnx")]
+    if not targets:
         return model
     from .naming import NameAuthority
 
-    m = _with_concrete_inputs(model, shapes)
-    inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
-    known = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        known[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    for t in inferred.graph.initializer:
-        known[t.name] = list(t.dims)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    needed = sorted({i for n in targets for i in n.input if i})
+    inits = {t.name: list(t.dims) for t in m.graph.initializer}
+    known = dict(inits)
+    known.update(_runtime_shapes(m, feeds, [i for i in needed if i not in inits]))
     names = NameAuthority(m)
+    opset = default_opset(m)
     new_nodes = []
     for node in m.graph.node:
-        if node.op_type == "Conv" and node.domain in ("", "ai.onnx"):
-            new_nodes.extend(_conv_as_matmuls(node, known, names.fresh))
-        else:
-            new_nodes.append(node)
+        rewrite = _FLOAT64_REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        new_nodes.extend(rewrite(node, known, _Emit(names.fresh, opset)) if rewrite else [node])
     del m.graph.node[:]
     m.graph.node.extend(new_nodes)
     del m.graph.value_info[:]
@@ -287,9 +434,9 @@ class _Forward:
         self.precision = precision
         m = _params_as_inputs(model, params)
         if precision == "float64":
-            shapes = {k: np.shape(v) for k, v in feeds.items()}
-            shapes.update({k: np.shape(v) for k, v in (param_values or {}).items()})
-            m = _to_float64(_emulate_conv(m, shapes))
+            values = dict(feeds)
+            values.update(param_values or {})
+            m = _to_float64(_emulate_conv(m, values))
         self.sess = _session(m)
         self.dtype = np.float64 if precision == "float64" else None
         self.feeds = {k: self._cast(v) for k, v in feeds.items()}

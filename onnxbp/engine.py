@@ -407,6 +407,9 @@ class _Builder:
         log.info("converting the model from opset %d to %d: the backward ops need it", self.opset, target)
         try:
             converted = onnx.version_converter.convert_version(self.model, target)
+            # The converter keeps the IR version; the new opset may need a newer one.
+            converted.ir_version = max(converted.ir_version,
+                                       helper.find_min_ir_version_for(list(converted.opset_import)))
             onnx.checker.check_model(converted, full_check=True)
         except Exception as exc:  # noqa: BLE001
             raise UnsupportedOpError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper
 
@@ -91,7 +92,7 @@ def test_float64_conv_emulation_matches_onnxruntime(case):
     model.graph.output[0].type.tensor_type.shape.dim.add().dim_param = "N"
     x = rng.standard_normal((2, c) + tuple(n)).astype(np.float32)
     ref = _session(model).run(None, {"X": x})[0]
-    emulated = _to_float64(_emulate_conv(model, {"X": x.shape}))
+    emulated = _to_float64(_emulate_conv(model, {"X": x}))
     assert not [n_ for n_ in emulated.graph.node if n_.op_type == "Conv"]
     got = _session(emulated).run(None, {"X": x.astype(np.float64)})[0]
     assert got.dtype == np.float64 and got.shape == ref.shape
@@ -123,3 +124,40 @@ def test_wrong_conv_rule_is_caught_in_float64():
     gm = onnxbp.gradient(str(lenet), ["conv2.weight", "conv1.bias"], registry=reg)
     report = onnxbp.check_gradients(str(lenet), grad_model=gm)
     assert {r.name: r.passed for r in report.results} == {"conv2.weight": False, "conv1.bias": True}
+
+
+FLOAT64_REWRITE_CASES = [
+    ("AveragePool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 1], count_include_pad=0), 2),
+    ("AveragePool", dict(kernel_shape=[3, 2], strides=[2, 1], pads=[1, 1, 0, 1], count_include_pad=1), 2),
+    ("AveragePool", dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1), 2),
+    ("AveragePool", dict(kernel_shape=[2], strides=[1], auto_pad="SAME_UPPER"), 1),
+    ("AveragePool", dict(kernel_shape=[2, 2, 2], strides=[2, 1, 2], dilations=[1, 2, 1]), 3),
+    ("GlobalAveragePool", {}, 2),
+    ("GlobalAveragePool", {}, 3),
+    ("HardSigmoid", dict(alpha=0.3, beta=0.4), 2),
+    ("HardSwish", {}, 2),
+    ("LRN", dict(size=3, alpha=1e-2, beta=0.75, bias=1.5), 2),
+    ("LRN", dict(size=5), 2),
+    ("Erf", {}, 2),
+]
+
+
+@pytest.mark.parametrize("op,attrs,dims", FLOAT64_REWRITE_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(FLOAT64_REWRITE_CASES)])
+def test_float64_rewrites_match_onnxruntime(op, attrs, dims):
+    """Ops without a float64 kernel are rewritten for the checker: same numbers as ORT's float32."""
+    from onnxbp.checker import _emulate_conv, _session, _to_float64
+
+    opset = 19 if "dilations" in attrs else 17
+    shape = (2, 5) + (7, 6, 5)[:dims]
+    node = helper.make_node(op, ["X"], ["Y"], name="op", **attrs)
+    model = make_model([node], [("X", np.float32, list(shape))],
+                       [("Y", np.float32, [f"y{i}" for i in range(len(shape))])], opset=opset, check=False)
+    onnx.checker.check_model(model)
+    x = np.random.default_rng(dims).standard_normal(shape).astype(np.float32)
+    ref = _session(model).run(None, {"X": x})[0]
+    emulated = _to_float64(_emulate_conv(model, {"X": x}))
+    assert not [n for n in emulated.graph.node if n.op_type == op]
+    got = _session(emulated).run(None, {"X": x.astype(np.float64)})[0]
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, ref, rtol=2e-6 if op != "Erf" else 0, atol=1e-6 if op != "Erf" else 2e-7)

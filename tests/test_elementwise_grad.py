@@ -150,3 +150,19 @@ def test_cast_between_float_types(to):
     _, _, grads, ups = run_gradient(model, {"X": x}, ["X"])
     assert grads["X"].dtype == np.float32
     assert_close(grads["X"], ups["Y"].astype(np.float64), 1e-3, 1e-3, "cast")
+
+
+@pytest.mark.parametrize("template", [np.float64, np.float32])
+def test_castlike_template_gets_no_gradient(template):
+    """The dynamo exporter writes biases as CastLike(zeros, activation): only input 0 is differentiable."""
+    x = np.random.default_rng(2).standard_normal((2, 3)).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["X"], ["R"], name="relu"),
+             helper.make_node("CastLike", ["R", "T"], ["C"], name="castlike"),
+             helper.make_node("CastLike", ["C", "X"], ["B"], name="back"),
+             helper.make_node("Mul", ["B", "R"], ["Y"], name="mul")]
+    model = make_model(nodes, [("X", np.float32, [2, 3])], [("Y", np.float32, [2, 3])],
+                       {"T": np.zeros(1, template)}, opset=18)
+    _, _, grads, ups = run_gradient(model, {"X": x}, ["X"])
+    r = np.maximum(x, 0).astype(np.float64)
+    assert_close(grads["X"], 2 * r * (x > 0) * ups["Y"], 1e-5, 1e-6, "castlike")
+    assert_fd(model, ["X"], feeds={"X": np.where(np.abs(x) < 0.05, 0.5, x).astype(np.float32)}, rtol=1e-4)

@@ -46,3 +46,10 @@ REGISTRY.not_differentiable(["ArgMax", "ArgMin"], reason="its output is an index
 REGISTRY.not_differentiable(["Round", "Floor", "Ceil", "Sign"],
                             reason="piecewise constant: its derivative is zero almost everywhere "
                                    "and undefined at the steps")
+
+
+@register_gradient("CastLike", since=15, smoothness=LINEAR, non_differentiable_inputs=(1,),
+                   lowering="X'=CastLike(Y', X) (the type template gets no gradient)")
+def castlike_grad(g):
+    x = g.input(0)
+    return [g.op("CastLike", g.grad_output(0), x), None]
