@@ -39,6 +39,7 @@ from .errors import (
     WrtError,
 )
 from .modelio import ModelLike, load_model
+from . import shapeinfo
 from .naming import NameAuthority
 from .registry import NO_GRADIENT, NOT_DIFFERENTIABLE, REGISTRY, Registry, RuleEntry
 
@@ -70,47 +71,6 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def _type_name(elem_type: int) -> str:
     return _TYPE_NAMES.get(elem_type, str(elem_type))
-
-
-def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
-                                                 data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - inference failure is reported, analysis goes on
-        log.warning("shape inference failed (%s); shapes stay unknown", str(exc).splitlines()[0])
-        return model
-
-
-def _tensor_infos(model: onnx.ModelProto) -> dict:
-    infos: dict = {}
-
-    def from_type(tp: onnx.TypeProto) -> Optional[TensorInfo]:
-        if not tp.HasField("tensor_type"):
-            return None
-        tt = tp.tensor_type
-        shape = None
-        if tt.HasField("shape"):
-            shape = tuple(
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                for d in tt.shape.dim
-            )
-        return TensorInfo(tt.elem_type, shape)
-
-    g = model.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        info = from_type(vi.type)
-        if info is not None:
-            old = infos.get(vi.name)
-            if old is None or (old.shape is None and info.shape is not None):
-                infos[vi.name] = info
-    for init in g.initializer:
-        infos[init.name] = TensorInfo(init.data_type, tuple(init.dims))
-    for node in g.node:
-        if node.op_type == "Constant" and node.output:
-            for a in node.attribute:
-                if a.name == "value":
-                    infos[node.output[0]] = TensorInfo(a.t.data_type, tuple(a.t.dims))
-    return infos
 
 
 class _Builder:
@@ -147,7 +107,7 @@ class _Builder:
         self.opset = default_opset(model)
         self.graph = model.graph
         self.nodes = list(model.graph.node)
-        self.infos = _tensor_infos(_infer(model))
+        self.infos = shapeinfo.infer(model)
         self.names = NameAuthority(model)
         self.new_nodes: list = []
         self._const_cache: dict = {}

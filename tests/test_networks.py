@@ -73,14 +73,12 @@ FD_RTOL = 1e-3
 
 #: ops that onnxbp had no rule for when these tests were written; a network that
 #: needs one is compared on what it can do and then xfails naming the op
-KNOWN_MISSING = ("CastLike", "SequenceAt", "SplitToSequence", "SequenceConstruct", "ConcatFromSequence")
+KNOWN_MISSING = ("SequenceAt", "SplitToSequence", "SequenceConstruct", "ConcatFromSequence")
 
-#: known limitations: (family, exporter, opset) -> reason (xfail)
-_SHUFFLE = ("TorchScript export of the torchvision-style channel shuffle builds the Reshape target from "
-            "Shape/Gather/Div/Cast; onnx shape inference (data_prop) does not propagate through Div/Cast, so "
-            "the spatial dims after the shuffle are symbolic and the Conv gradient raises ShapeError "
-            "(it needs static spatial dims); the dynamo export of the same net keeps them static and passes")
-XFAIL: dict = {("shufflenet", "torchscript", 17): _SHUFFLE, ("shufflenet", "torchscript", 11): _SHUFFLE}
+#: known limitations: (family, exporter, opset) -> reason (xfail).  (The TorchScript
+#: ShuffleNet used to be here: its shuffle's Reshape target goes through Div/Cast,
+#: which onnx's data propagation skips; onnxbp.shapeinfo now folds those.)
+XFAIL: dict = {}
 
 
 def run_network(family: str, exporter: str, opset: int, seed: int = 0, with_input: bool = True, proto=None):
@@ -214,7 +212,7 @@ def test_network_dynamo_vs_torch(family, exporter, opset, rtol):
 
 @pytest.mark.slow
 @pytest.mark.torch
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "shufflenet"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_network_vs_torch_other_seed(family):
     """Every TorchScript family again with other weights and inputs (seed 1)."""
     r = run_network(family, "torchscript", 17, seed=1)

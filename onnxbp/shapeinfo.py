@@ -1,0 +1,307 @@
+"""Shape inference for the engine: onnx's, plus folding of integer shape subgraphs.
+
+Exporters compute Reshape targets at run time: ``Shape -> Gather -> Div ->
+Cast -> Unsqueeze -> Concat -> Reshape`` (channel shuffles, head splits).
+onnx's data propagation stops at some of these ops, leaving the dims after
+the Reshape unknown, although they are static except for the batch.  This
+module evaluates such small integer subgraphs on partially known values
+(ints, symbolic dim names, or unknown), writes the dims it learns for
+Reshape/Expand outputs back as value_info, and lets onnx infer the rest
+again.  Nothing here changes the model the user gets back.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .builder import TensorInfo
+
+log = logging.getLogger(__name__)
+
+_MAX_ELEMENTS = 64  # only small integer tensors are shape vectors
+
+
+def infer(model: onnx.ModelProto, rounds: int = 32) -> dict:
+    """``{tensor name: TensorInfo}`` for every tensor shape inference reaches."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    infos = tensor_infos(_onnx_infer(work))
+    for _ in range(rounds):
+        learned = _fold(work, infos)
+        if not learned:
+            break
+        by_name = {vi.name: vi for vi in work.graph.value_info}
+        for name, (elem, dims) in learned.items():
+            vi = by_name.get(name)
+            if vi is None:
+                vi = work.graph.value_info.add()
+                vi.name = name
+            vi.CopyFrom(helper.make_tensor_value_info(name, elem, dims))
+        log.debug("shape folding learned the dims of %d tensors", len(learned))
+        infos = tensor_infos(_onnx_infer(work))
+    return infos
+
+
+def _onnx_infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
+                                                 data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - inference failure is reported, analysis goes on
+        log.warning("shape inference failed (%s); shapes stay unknown", str(exc).splitlines()[0])
+        return model
+
+
+def tensor_infos(model: onnx.ModelProto) -> dict:
+    infos: dict = {}
+
+    def from_type(tp: onnx.TypeProto) -> Optional[TensorInfo]:
+        if not tp.HasField("tensor_type"):
+            return None
+        tt = tp.tensor_type
+        shape = None
+        if tt.HasField("shape"):
+            shape = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                for d in tt.shape.dim
+            )
+        return TensorInfo(tt.elem_type, shape)
+
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        info = from_type(vi.type)
+        if info is not None:
+            old = infos.get(vi.name)
+            if old is None or _known(info.shape) > _known(old.shape):
+                infos[vi.name] = info
+    for init in g.initializer:
+        infos[init.name] = TensorInfo(init.data_type, tuple(init.dims))
+    for node in g.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value":
+                    infos[node.output[0]] = TensorInfo(a.t.data_type, tuple(a.t.dims))
+    return infos
+
+
+def _known(shape) -> int:
+    if shape is None:
+        return -1
+    return sum(isinstance(d, int) for d in shape)
+
+
+# --------------------------------------------------------------------------- folding
+def _fold(model: onnx.ModelProto, infos: dict) -> dict:
+    """Evaluate small integer subgraphs; return improved (elem_type, dims) of shaped outputs."""
+    vals: dict = {}
+    for init in model.graph.initializer:
+        if init.data_type in _INT_TYPES and int(np.prod(init.dims)) <= _MAX_ELEMENTS:
+            vals[init.name] = numpy_helper.to_array(init).astype(object)
+    learned: dict = {}
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            out = _eval(node, vals, infos)
+        except Exception:  # noqa: BLE001 - anything unexpected: leave this value unknown
+            out = None
+        if out is not None and node.output:
+            vals[node.output[0]] = out
+        if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in vals:
+            dims = _reshape_dims(infos.get(node.input[0]), vals[node.input[1]], _attr(node, "allowzero", 0))
+            _learn(learned, infos, node.output[0], node.input[0], dims)
+        elif node.op_type == "Slice" and len(node.input) >= 3 and all(
+                i in vals for i in node.input[1:] if i):
+            _learn(learned, infos, node.output[0], node.input[0],
+                   _slice_dims(infos.get(node.input[0]), [vals[i] if i else None for i in node.input[1:]]))
+        elif node.op_type == "Expand" and len(node.input) > 1 and node.input[1] in vals:
+            src = infos.get(node.input[0])
+            target = list(vals[node.input[1]].reshape(-1))
+            if src is not None and src.shape is not None:
+                dims = _broadcast(list(src.shape), target)
+                _learn(learned, infos, node.output[0], node.input[0], dims)
+    return learned
+
+
+_INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+
+
+def _attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _learn(learned, infos, out, src, dims):
+    if dims is None:
+        return
+    old = infos.get(out)
+    elem = (infos.get(src) or TensorInfo()).elem_type
+    if not elem:
+        return
+    # onnx names dims it could not infer "unk__N": those are unknowns, not symbols.
+    dims = [d if isinstance(d, int) or (isinstance(d, str) and not d.startswith("unk__")) else None
+            for d in dims]
+    if old is not None and old.shape is not None and len(old.shape) == len(dims):
+        dims = [o if isinstance(o, int) else d if d is not None else o for o, d in zip(old.shape, dims)]
+        if _known(tuple(dims)) <= _known(old.shape):
+            return
+    learned[out] = (elem, dims)
+
+
+def _as_int(v):
+    return int(v) if isinstance(v, (int, np.integer)) else None
+
+
+def _eval(node, vals, infos) -> Optional[np.ndarray]:
+    op, ins = node.op_type, list(node.input)
+    get = vals.get
+    if op == "Constant":
+        t = _attr(node, "value", None)
+        if isinstance(t, onnx.TensorProto) and t.data_type in _INT_TYPES | {onnx.TensorProto.FLOAT} \
+                and int(np.prod(t.dims)) <= _MAX_ELEMENTS:
+            return numpy_helper.to_array(t).astype(object)
+        return None
+    if op == "Shape":
+        info = infos.get(ins[0])
+        if info is None or info.shape is None:
+            return None
+        dims = list(info.shape)
+        start, end = _attr(node, "start", 0), _attr(node, "end", None)
+        return np.array(dims[start:end] if end is not None else dims[start:], dtype=object)
+    if any(i and i not in vals for i in ins[:1]):
+        return None
+    a = get(ins[0]) if ins else None
+    if op in ("Identity", "Cast", "Floor", "Ceil"):
+        if op == "Floor":
+            return _map(a, lambda v: int(np.floor(v)))
+        if op == "Ceil":
+            return _map(a, lambda v: int(np.ceil(v)))
+        to = _attr(node, "to", None)
+        if to in _INT_TYPES:
+            return _map(a, lambda v: int(v))
+        return a
+    if op == "Gather":
+        idx = get(ins[1]) if len(ins) > 1 else None
+        if idx is None or _attr(node, "axis", 0) != 0 or a.ndim != 1:
+            return None
+        return np.array(a[np.asarray(idx, dtype=np.int64)], dtype=object)
+    if op in ("Unsqueeze", "Squeeze"):
+        return a.reshape(-1) if op == "Unsqueeze" or a.size == 1 else a
+    if op == "Concat":
+        if any(i not in vals for i in ins) or _attr(node, "axis", 0) not in (0, -1):
+            return None
+        return np.concatenate([np.asarray(vals[i], dtype=object).reshape(-1) for i in ins])
+    if op in ("Add", "Sub", "Mul", "Div"):
+        b = get(ins[1])
+        if b is None:
+            return None
+        fn = {"Add": lambda x, y: x + y, "Sub": lambda x, y: x - y, "Mul": lambda x, y: x * y,
+              "Div": _div}[op]
+        a2, b2 = np.broadcast_arrays(np.asarray(a, dtype=object), np.asarray(b, dtype=object))
+        out = [fn(x, y) if _num(x) and _num(y) else None for x, y in zip(a2.reshape(-1), b2.reshape(-1))]
+        return np.array(out, dtype=object).reshape(a2.shape)
+    if op == "Slice" and a.ndim == 1:
+        if len(ins) >= 3 and all(i in vals for i in ins[1:3]):
+            starts, ends = vals[ins[1]], vals[ins[2]]
+            steps = vals[ins[4]] if len(ins) > 4 and ins[4] in vals else [1]
+            return a[int(starts[0]):int(ends[0]) if int(ends[0]) < 2 ** 62 else None:int(steps[0])]
+        return None
+    return None
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _div(x, y):
+    if isinstance(x, (int, np.integer)) and isinstance(y, (int, np.integer)):
+        q = abs(int(x)) // abs(int(y))
+        return q if (x >= 0) == (y > 0) else -q
+    return x / y
+
+
+def _map(a, fn):
+    return np.array([fn(v) if _num(v) else v for v in np.asarray(a, dtype=object).reshape(-1)],
+                    dtype=object).reshape(np.shape(a))
+
+
+def _reshape_dims(src: Optional[TensorInfo], target: np.ndarray, allowzero: int) -> Optional[list]:
+    target = list(np.asarray(target, dtype=object).reshape(-1))
+    src_dims = list(src.shape) if src is not None and src.shape is not None else None
+    dims = []
+    for i, v in enumerate(target):
+        if isinstance(v, (int, np.integer)):
+            v = int(v)
+            if v == 0 and not allowzero:
+                v = src_dims[i] if src_dims is not None and i < len(src_dims) else None
+        elif not isinstance(v, str):
+            v = None
+        dims.append(v)
+    if -1 in dims and src_dims is not None:
+        rest_in = list(src_dims)
+        rest_out = [d for d in dims if d != -1]
+        for d in list(rest_out):  # a symbol on both sides cancels
+            if isinstance(d, str) and d in rest_in:
+                rest_in.remove(d)
+                rest_out.remove(d)
+        if all(isinstance(d, int) for d in rest_in + rest_out) and all(d > 0 for d in rest_out):
+            total = int(np.prod(rest_in, dtype=np.int64)) if rest_in else 1
+            part = int(np.prod(rest_out, dtype=np.int64)) if rest_out else 1
+            dims[dims.index(-1)] = total // part if part and total % part == 0 else None
+        else:
+            dims[dims.index(-1)] = None
+    return [None if d == -1 else d for d in dims]
+
+
+def _slice_dims(src: Optional[TensorInfo], args: list) -> Optional[list]:
+    """Output dims of a data Slice whose starts/ends/axes/steps are known."""
+    if src is None or src.shape is None:
+        return None
+    dims = list(src.shape)
+    rank = len(dims)
+    starts, ends = [list(np.asarray(a, dtype=object).reshape(-1)) for a in args[:2]]
+    axes = list(np.asarray(args[2], dtype=object).reshape(-1)) if len(args) > 2 and args[2] is not None \
+        else list(range(len(starts)))
+    steps = list(np.asarray(args[3], dtype=object).reshape(-1)) if len(args) > 3 and args[3] is not None \
+        else [1] * len(starts)
+    for st, en, ax, sp in zip(starts, ends, axes, steps):
+        if not all(isinstance(v, (int, np.integer)) for v in (st, en, ax, sp)):
+            return None
+        ax = int(ax) % rank
+        n = dims[ax]
+        if not isinstance(n, int):
+            dims[ax] = None
+            continue
+        st, en, sp = int(st), int(en), int(sp)
+        if sp > 0:
+            st = min(max(st + n if st < 0 else st, 0), n)
+            en = min(max(en + n if en < 0 else en, 0), n)
+            dims[ax] = max(0, -(-(en - st) // sp))
+        else:
+            st = min(max(st + n if st < 0 else st, -1), n - 1)
+            en = min(max(en + n if en < 0 else en, -1), n - 1)
+            dims[ax] = max(0, -(-(st - en) // -sp))
+    return dims
+
+
+def _broadcast(src: list, target: list) -> list:
+    n = max(len(src), len(target))
+    src = [1] * (n - len(src)) + src
+    target = [1] * (n - len(target)) + target
+    out = []
+    for s_, t in zip(src, target):
+        if isinstance(t, (int, np.integer)) and int(t) == 1:
+            out.append(s_)
+        elif isinstance(s_, int) and s_ == 1:
+            out.append(int(t) if isinstance(t, (int, np.integer)) else t if isinstance(t, str) else None)
+        elif s_ == t or (isinstance(t, (int, np.integer)) and s_ == int(t)):
+            out.append(s_)
+        else:
+            out.append(s_ if s_ is not None else (int(t) if isinstance(t, (int, np.integer)) else None))
+    return out
