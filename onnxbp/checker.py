@@ -305,10 +305,14 @@ def _avgpool_f64(node, shapes, e: _Emit):
     geo = [pl.pool_axis(n[i], k[i], st[i], dl[i], pads[i], pads[nsp + i], a.get("auto_pad", "NOTSET"),
                         int(a.get("ceil_mode", 0))) for i in range(nsp)]
     pb, pe, out = [g[0] for g in geo], [g[1] for g in geo], [g[2] for g in geo]
+    sp = list(range(2, 2 + nsp))
+    # A negative end pad (SAME with kernel < stride) clips windows at n + pe: crop X there.
+    n_eff = [min(nn, nn + e_) for nn, e_ in zip(n, pe)]
+    if n_eff != n:
+        x = e.op("Slice", x, e.const([0] * nsp), e.const(n_eff), e.const(sp))
     lo = [max(b, 0) for b in pb]
     last = [(o - 1) * s_ - b + (kk - 1) * d + 1 for o, s_, b, kk, d in zip(out, st, pb, k, dl)]
-    hi = [max(0, ln - nn) for ln, nn in zip(last, n)]
-    sp = list(range(2, 2 + nsp))
+    hi = [max(0, ln - nn) for ln, nn in zip(last, n_eff)]
     xp = e.op("Pad", x, e.const([0, 0] + lo + [0, 0] + hi)) if any(lo) or any(hi) else x
     terms = []
     for offs in itertools.product(*[range(kk) for kk in k]):

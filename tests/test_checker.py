@@ -131,6 +131,8 @@ FLOAT64_REWRITE_CASES = [
     ("AveragePool", dict(kernel_shape=[3, 2], strides=[2, 1], pads=[1, 1, 0, 1], count_include_pad=1), 2),
     ("AveragePool", dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1), 2),
     ("AveragePool", dict(kernel_shape=[2], strides=[1], auto_pad="SAME_UPPER"), 1),
+    ("AveragePool", dict(kernel_shape=[2, 2], strides=[3, 1], dilations=[2, 1], auto_pad="SAME_UPPER",
+                         ceil_mode=1), 2),  # onnxruntime's SAME ignores dilation: a negative end pad
     ("AveragePool", dict(kernel_shape=[2, 2, 2], strides=[2, 1, 2], dilations=[1, 2, 1]), 3),
     ("GlobalAveragePool", {}, 2),
     ("GlobalAveragePool", {}, 3),
