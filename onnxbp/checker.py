@@ -9,7 +9,7 @@ float64 (preferred)
     Cast targets, graph types); ops without a float64 kernel in onnxruntime
     are rewritten first with ops that have one: Conv as Pad, strided Slices
     and MatMuls, AveragePool as a sum of strided Slices over onnxruntime's
-    counts, GlobalAveragePool as ReduceMean, HardSigmoid and HardSwish with Min/Max, LRN as a
+    counts, GlobalAveragePool as ReduceMean, Clip, HardSigmoid and HardSwish with Max/Min, LRN as a
     channel-window sum, Erf by Abramowitz & Stegun 7.1.26 (smooth, |error| <
     1.5e-7).  Where onnxruntime has float64 kernels for
     every op, each sampled element is checked: ``(f(p+eps e_i) - f(p-eps e_i))
@@ -339,6 +339,19 @@ def _hardswish_f64(node, shapes, e: _Emit):
                     node.output[0])
 
 
+def _clip_f64(node, shapes, e: _Emit):
+    """Clip-11 has no float64 kernel: Max/Min with its bounds (attributes before opset 11)."""
+    a = _attrs(node)
+    x = node.input[0]
+    lo = node.input[1] if len(node.input) > 1 and node.input[1] else (
+        e.fconst(a["min"]) if "min" in a else None)
+    hi = node.input[2] if len(node.input) > 2 and node.input[2] else (
+        e.fconst(a["max"]) if "max" in a else None)
+    y = e.op("Max", x, lo) if lo is not None else x
+    y = e.op("Min", y, hi) if hi is not None else y
+    return e.finish(y, node.output[0])
+
+
 def _erf_f64(node, shapes, e: _Emit):
     """Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7, smooth): the forward the differences see."""
     x = node.input[0]
@@ -383,6 +396,7 @@ _FLOAT64_REWRITES = {
     "GlobalAveragePool": _global_avgpool_f64,
     "HardSigmoid": _hardsigmoid_f64,
     "HardSwish": _hardswish_f64,
+    "Clip": _clip_f64,
     "Erf": _erf_f64,
     "LRN": _lrn_f64,
 }
@@ -414,6 +428,11 @@ def _emulate_conv(model: onnx.ModelProto, feeds: Mapping) -> onnx.ModelProto:
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    if default_opset(m) < 13:  # the rewrites use Pad/Slice/ReduceMean with inputs
+        m = onnx.version_converter.convert_version(m, 13)
+        m.ir_version = max(m.ir_version, helper.find_min_ir_version_for(list(m.opset_import)))
+        targets = [n for n in m.graph.node
+                   if n.op_type in _FLOAT64_REWRITES and n.domain in ("", "ai.onnx")]
     needed = sorted({i for n in targets for i in n.input if i})
     inits = {t.name: list(t.dims) for t in m.graph.initializer}
     known = dict(inits)

@@ -141,6 +141,7 @@ FLOAT64_REWRITE_CASES = [
     ("LRN", dict(size=3, alpha=1e-2, beta=0.75, bias=1.5), 2),
     ("LRN", dict(size=5), 2),
     ("Erf", {}, 2),
+    ("Clip", dict(min=-0.5, max=0.7), 2),  # opset < 11 attributes (run at opset 9 below)
 ]
 
 
@@ -150,7 +151,7 @@ def test_float64_rewrites_match_onnxruntime(op, attrs, dims):
     """Ops without a float64 kernel are rewritten for the checker: same numbers as ORT's float32."""
     from onnxbp.checker import _emulate_conv, _session, _to_float64
 
-    opset = 19 if "dilations" in attrs else 17
+    opset = 19 if "dilations" in attrs else 9 if op == "Clip" else 17
     shape = (2, 5) + (7, 6, 5)[:dims]
     node = helper.make_node(op, ["X"], ["Y"], name="op", **attrs)
     model = make_model([node], [("X", np.float32, list(shape))],
