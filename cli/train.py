@@ -72,7 +72,7 @@ class _Progress:
 
 def run(args) -> int:
     from onnxbp.errors import OutputPathError
-    from onnxbp.training import DataError, Trainer, TrainingError, make_optimizer
+    from onnxbp.training import Trainer, TrainingError, make_optimizer
     from onnxbp.training.checkpoint import checkpoint_path
     from onnxbp.training.data import load_dataset, validate_dataset
     from onnxbp.training.loop import fit

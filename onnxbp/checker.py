@@ -45,7 +45,7 @@ from onnx import helper, numpy_helper
 from .builder import FLOAT_TYPES
 from .engine import default_opset, gradient
 from .errors import OnnxbpError
-from .modelio import ModelLike, load_model
+from .modelio import ModelLike, cpu_session, load_model
 from .registry import LINEAR, PIECEWISE, REGISTRY, RULE, SMOOTH
 
 log = logging.getLogger(__name__)
@@ -127,15 +127,7 @@ def random_feeds(model: onnx.ModelProto, rng: np.random.Generator, batch_size: i
     return out
 
 
-def _session(model: onnx.ModelProto, threads: int = 1):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+_session = cpu_session
 
 
 def _params_as_inputs(model: onnx.ModelProto, params: Sequence[str]) -> onnx.ModelProto:
@@ -194,7 +186,7 @@ def _conv_as_matmuls(node: onnx.NodeProto, shapes: dict, fresh) -> list:
     x, w = node.input[0], node.input[1]
     b = node.input[2] if len(node.input) > 2 and node.input[2] else None
     xs, ws = shapes[x], shapes[w]
-    n_b, c = xs[0], xs[1]
+    n_b = xs[0]
     n, m_out, cg = list(xs[2:]), ws[0], ws[1]
     nsp = len(n)
     g = int(attrs.get("group", 1))

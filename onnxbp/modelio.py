@@ -82,7 +82,19 @@ def save_model_atomic(model: onnx.ModelProto, path: Union[str, os.PathLike],
     if not parent.exists():
         raise OutputPathError(f"output directory '{parent}' does not exist")
     data = model.SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    write_bytes_atomic(out, data)
+    log.info("wrote %s (%d bytes)", out, len(data))
+    return out
+
+
+def write_bytes_atomic(path: Union[str, os.PathLike], data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``.
+
+    Readers see the old file or the new one, never a half-written one; on any
+    failure the temporary file is removed and ``path`` is untouched.
+    """
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -95,5 +107,16 @@ def save_model_atomic(model: onnx.ModelProto, path: Union[str, os.PathLike],
         except OSError:
             pass
         raise
-    log.info("wrote %s (%d bytes)", out, len(data))
     return out
+
+
+def cpu_session(model: onnx.ModelProto, threads: int = 1):
+    """An onnxruntime CPU session: ``threads`` intra-op threads, no busy-waiting, quiet."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

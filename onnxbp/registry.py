@@ -23,7 +23,7 @@ rule; registering the same op twice for overlapping opsets is an error unless
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 from .errors import RuleRegistrationError

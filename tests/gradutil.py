@@ -11,11 +11,11 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 import onnxbp
 from onnxbp.checker import gradient_names
+from onnxbp.modelio import cpu_session
 
 try:  # torch is a test extra; tests that need it skip without it
     import torch  # noqa: F401
@@ -71,13 +71,7 @@ def assert_standard(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(model, full_check=True)
 
 
-def session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+session = cpu_session  # 1 intra-op thread, no spinning
 
 
 def run_gradient(model: onnx.ModelProto, feeds: Mapping, wrt=None, upstream: Mapping = None,

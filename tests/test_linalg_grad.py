@@ -11,9 +11,8 @@ import itertools
 import zlib
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 from gradutil import HAS_TORCH, assert_close, assert_fd, make_model, run_gradient
 

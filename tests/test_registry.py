@@ -8,7 +8,7 @@ from onnx import helper
 
 import onnxbp
 from onnxbp.registry import LINEAR, NO_GRADIENT, NOT_DIFFERENTIABLE, RULE, Registry
-from gradutil import assert_close, make_model, run_gradient
+from gradutil import make_model
 
 
 def test_registering_twice_is_an_error_unless_override():

@@ -8,7 +8,6 @@ float32); one optimizer step of each loss against torch (rtol 1e-5).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxbp
 from gradutil import HAS_TORCH, assert_close, assert_fd, assert_standard, make_model, run_gradient
-from onnxbp.training import SGD, Adam, AdamW, DataError, Trainer, TrainingError, build_step_model
+from onnxbp.training import SGD, Adam, AdamW, Trainer, TrainingError, build_step_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "models" / "mlp.onnx"

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ..modelio import write_bytes_atomic
 from .errors import TrainingError
 
 FILENAME = "checkpoint.npz"
@@ -37,20 +36,7 @@ def save_checkpoint(directory, tensors: dict, meta: dict) -> Path:
     arrays = {f"t/{k}": np.asarray(v) for k, v in tensors.items()}
     arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
     np.savez(buf, **arrays)
-    fd, tmp = tempfile.mkstemp(prefix=f".{FILENAME}.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return out
+    return write_bytes_atomic(out, buf.getvalue())
 
 
 def load_checkpoint(directory) -> tuple:

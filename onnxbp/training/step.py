@@ -46,7 +46,7 @@ from ..modelio import ModelLike, load_model
 from .emit import Emitter
 from .errors import TrainingError
 from .losses import LOSSES, add_loss
-from .optimizers import SGD, AdamW
+from .optimizers import AdamW
 
 log = logging.getLogger(__name__)
 
