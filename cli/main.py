@@ -86,8 +86,10 @@ def cmd_ops(args) -> int:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
-    n_rules = sum(1 for e in entries if e.kind == "rule")
-    print(f"\n{n_rules} ops with gradient rules, {len(entries) - n_rules} with no gradient / not differentiable",
+    with_rule = {(e.domain, e.op_type) for e in entries if e.kind == "rule"}
+    others = {(e.domain, e.op_type) for e in entries} - with_rule
+    print(f"\n{len(with_rule)} ops with gradient rules ({sum(e.kind == 'rule' for e in entries)} entries "
+          f"by opset range), {len(others)} with no gradient / not differentiable",
           file=sys.stderr if args.format == "markdown" else sys.stdout)
     return EXIT_OK
 

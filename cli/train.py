@@ -33,7 +33,9 @@ def add_parser(subparsers) -> None:
                    help="weight decay (default: 0.01 for adamw, 0 otherwise)")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs (default: 15)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="batch size (default: 16)")
-    p.add_argument("-o", "--output", required=True, help="where to write the trained model (.onnx)")
+    p.add_argument("-o", "--output", default=None,
+                   help="where to write the trained model (default: <model name>_trained.onnx in the "
+                        "current directory)")
     p.add_argument("--metrics", default=None, help="write per-epoch metrics as JSON here")
     p.add_argument("--plot", default=None, help="draw loss and accuracy curves as PNG here (needs matplotlib)")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
@@ -81,6 +83,8 @@ def run(args) -> int:
         raise TrainingError("--resume needs --checkpoint DIR (where the last checkpoint is)")
     if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
         raise TrainingError("--epochs and --batch-size must be >= 1 and --lr > 0")
+    if args.output is None:
+        args.output = f"{Path(args.model).stem}_trained.onnx"
     out = Path(args.output)
     if not out.parent.exists():  # fail before training, not after
         raise OutputPathError(f"output directory '{out.parent}' does not exist")

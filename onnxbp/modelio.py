@@ -100,6 +100,7 @@ def write_bytes_atomic(path: Union[str, os.PathLike], data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model gets the usual mode
         os.replace(tmp, out)
     except BaseException:
         try:
@@ -108,6 +109,12 @@ def write_bytes_atomic(path: Union[str, os.PathLike], data: bytes) -> Path:
             pass
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def cpu_session(model: onnx.ModelProto, threads: int = 1):

@@ -186,3 +186,11 @@ def test_name_collision_with_contract_names():
     assert "'W_grad'" in _one_line(exc) and "grad_suffix" in str(exc.value)
     gm = onnxbp.gradient(model, ["W"], grad_suffix="_d")
     assert [o.name for o in gm.graph.output] == ["W_grad", "W_d"]
+
+
+def test_saved_model_gets_the_usual_file_mode(tmp_path):
+    out = tmp_path / "g.onnx"
+    onnxbp.save_model_atomic(onnxbp.gradient(_mm()), str(out))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == (0o666 & ~mask)

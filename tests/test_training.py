@@ -462,3 +462,13 @@ def test_scalar_output_model_does_not_fit_per_sample_losses(loss):
             build_step_model(m, loss=loss)
     else:  # a scalar output with an MSE target is legal (a scalar regression target)
         assert build_step_model(m, loss=loss).spec.target == "target"
+
+
+def test_cli_default_output_name(tmp_path, capsys, monkeypatch):
+    """Without -o the trained model is <model name>_trained.onnx in the current directory."""
+    monkeypatch.chdir(tmp_path)
+    rc = _main(["train", MLP, "--data", "digits", "--epochs", 1, "--no-progress", "--threads", 1])
+    assert rc == 0, capsys.readouterr().err
+    out = tmp_path / "mlp_trained.onnx"
+    assert out.exists() and "wrote mlp_trained.onnx" in capsys.readouterr().out
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
