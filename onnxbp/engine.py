@@ -106,8 +106,8 @@ class _Builder:
     def _prepare(self, model: onnx.ModelProto) -> None:
         self.opset = default_opset(model)
         self.graph = model.graph
-        self.nodes = list(model.graph.node)
         self.infos = shapeinfo.infer(model)
+        self.nodes = self._analysis_view(list(model.graph.node))
         self.names = NameAuthority(model)
         self.new_nodes: list = []
         self._const_cache: dict = {}
@@ -118,6 +118,106 @@ class _Builder:
             if not node.name:
                 label = self.names.fresh(label)
             self._labels[id(node)] = label
+
+    def _const_ints(self, name: str) -> Optional[list]:
+        """Values of an int initializer (not overridable as a graph input) or Constant output, else None."""
+        if name in {i.name for i in self.graph.input}:
+            return None
+        for t in self.graph.initializer:
+            if t.name == name:
+                return [int(v) for v in np.asarray(numpy_helper.to_array(t)).reshape(-1)]
+        for n in self.graph.node:
+            if n.op_type == "Constant" and n.output and n.output[0] == name:
+                for a in n.attribute:
+                    if a.name == "value":
+                        return [int(v) for v in np.asarray(numpy_helper.to_array(a.t)).reshape(-1)]
+        return None
+
+    def _analysis_view(self, nodes: list) -> list:
+        """The node list the analysis and the rules see.
+
+        A ``SplitToSequence`` whose sequence is read only by ``SequenceAt`` at
+        constant positions, each chunk exactly once (torch's ``chunk`` through
+        the dynamo exporter), is seen as one ``Split`` whose outputs are the
+        SequenceAt outputs: the engine handles tensors, not sequences.  The
+        forward graph itself is not changed; backward nodes only read its
+        tensors (the input and the SequenceAt outputs).  Where the view does
+        not apply, the reason is kept for the error a requested gradient
+        through the sequence raises (``self._sequence_why``).
+        """
+        consumers: dict = {}
+        for n in nodes:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+        graph_outputs = {o.name for o in self.graph.output}
+        self._sequence_why: dict = {}
+        replaced: set = set()
+        view = []
+        for n in nodes:
+            if id(n) in replaced:
+                continue
+            if n.op_type != "SplitToSequence" or n.domain not in ("", "ai.onnx"):
+                view.append(n)
+                continue
+            split, why = self._split_view(n, consumers, graph_outputs)
+            if split is None:
+                self._sequence_why[n.output[0]] = why
+                view.append(n)
+                continue
+            synthetic, users = split
+            replaced.update(id(u) for u in users)
+            view.append(synthetic)
+        return view
+
+    def _split_view(self, n, consumers, graph_outputs):
+        """``((Split node, SequenceAt users), None)``, or ``(None, why not)``."""
+        seq = n.output[0]
+        users = consumers.get(seq, [])
+        if seq in graph_outputs:
+            return None, "the sequence is a graph output"
+        other = next((u for u in users if u.op_type != "SequenceAt"), None)
+        if other is not None:
+            return None, f"the sequence is read by {other.op_type} node '{other.name}'"
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        keepdims = next((a.i for a in n.attribute if a.name == "keepdims"), 1)
+        x = self.info(n.input[0])
+        if x.shape is None:
+            return None, f"the rank of {n.input[0]!r} is unknown"
+        dim = x.shape[axis % len(x.shape)]
+        has_split = len(n.input) > 1 and bool(n.input[1])
+        split = self._const_ints(n.input[1]) if has_split else None
+        if has_split and split is None:
+            return None, f"its split {n.input[1]!r} is computed at run time"
+        if split is None:
+            if not keepdims:
+                return None, "keepdims=0 drops the split axis"
+            if not isinstance(dim, int):
+                return None, f"the size of axis {axis} of {n.input[0]!r} is not static"
+            count = dim
+        elif len(split) == 1 and self._rank_of(n.input[1]) == 0:
+            if not isinstance(dim, int):
+                return None, f"the size of axis {axis} of {n.input[0]!r} is not static"
+            count = -(-dim // split[0])
+        else:
+            count = len(split)
+        outputs = [""] * count
+        for u in users:
+            pos = self._const_ints(u.input[1])
+            if pos is None or len(pos) != 1 or not -count <= pos[0] < count:
+                return None, f"SequenceAt node '{u.name}' reads a position that is not a constant in [-{count}, {count})"
+            k = pos[0] % count
+            if outputs[k]:
+                return None, f"chunk {k} is read twice"
+            outputs[k] = u.output[0]
+        if not all(outputs):
+            return None, f"chunk {outputs.index('')} of {count} is never read"
+        synthetic = helper.make_node("Split", [n.input[0]], outputs, name=n.name or f"{seq}/split", axis=axis)
+        log.info("differentiating SplitToSequence %s and its %d SequenceAt reads as one Split", n.name, count)
+        return (synthetic, users), None
+
+    def _rank_of(self, name: str) -> Optional[int]:
+        shape = self.info(name).shape
+        return None if shape is None else len(shape)
 
     def option(self, name: str) -> Any:
         if name not in self._options:
@@ -319,6 +419,12 @@ class _Builder:
             others = sorted({f"{m.op_type}" for m in missing[1:]} - {n.op_type})
             more = f" (also without rules: {', '.join(others[:6])})" if others else ""
             reg_dom = f", domain={n.domain!r}" if n.domain not in ("", "ai.onnx") else ""
+            if n.op_type == "SplitToSequence" and n.output[0] in self._sequence_why:
+                raise UnsupportedOpError(
+                    f"node '{self.node_label(n)}' (op SplitToSequence) is differentiated only when its sequence "
+                    f"is read by SequenceAt at constant positions, each chunk once (as one Split); here "
+                    f"{self._sequence_why[n.output[0]]}"
+                )
             raise UnsupportedOpError(
                 f"node '{self.node_label(n)}' (op {n.op_type}, domain {dom}, opset {self.opset}) has no "
                 f"gradient rule and a requested gradient flows through it{more}; register one with "

@@ -15,7 +15,9 @@ parameters (BatchNorm running statistics, exporter constants) get gradients
 too and are covered by the finite-difference check.
 
 The finite-difference checker (``onnxbp.check_gradients``) also runs on each
-network (float32 random directions, since onnxruntime has no float64 Conv).
+network: float64 forward (ops without a float64 kernel in onnxruntime, Conv
+among them, are rewritten for the check), per-element central differences,
+rtol 1e-3.
 
 Exports: the TorchScript exporter at opset 17 for every family, a few at
 opsets 11 and 13 (Softmax < 13, Split/Squeeze/Unsqueeze/Reduce* with axes as
@@ -70,15 +72,6 @@ DYNAMO_CASES = [(fam, "dynamo", 18, 1e-4) for fam in FAMILIES] + [
 #: (ops without a float64 kernel in onnxruntime, Conv among them, are rewritten
 #: for the check) with per-element central differences, at this tolerance.
 FD_RTOL = 1e-3
-
-#: ops that onnxbp had no rule for when these tests were written; a network that
-#: needs one is compared on what it can do and then xfails naming the op
-KNOWN_MISSING = ("SequenceAt", "SplitToSequence", "SequenceConstruct", "ConcatFromSequence")
-
-#: known limitations: (family, exporter, opset) -> reason (xfail).  (The TorchScript
-#: ShuffleNet used to be here: its shuffle's Reshape target goes through Div/Cast,
-#: which onnx's data propagation skips; onnxbp.shapeinfo now folds those.)
-XFAIL: dict = {}
 
 
 def run_network(family: str, exporter: str, opset: int, seed: int = 0, with_input: bool = True, proto=None):
@@ -165,30 +158,8 @@ def _case_id(c):
     return f"{c[0]}-{c[1]}{c[2]}"
 
 
-def _missing_op(exc) -> str:
-    msg = str(exc)
-    return next((op for op in KNOWN_MISSING if f"op {op}," in msg), "")
-
-
 def _run_case(family, exporter, opset, rtol):
-    key = (family, exporter, opset)
-    if key in XFAIL:
-        pytest.xfail(XFAIL[key])
-    try:
-        r = run_network(family, exporter, opset)
-    except onnxbp.UnsupportedOpError as exc:
-        op = _missing_op(exc)
-        if not op:
-            raise
-        # the input gradient needs an op without a rule: prove the parameters if they
-        # can do without it, then xfail naming the op
-        try:
-            r = run_network(family, exporter, opset, with_input=False)
-        except onnxbp.UnsupportedOpError as exc2:
-            pytest.xfail(f"needs a rule for {_missing_op(exc2) or op}: {str(exc2)[:200]}")
-        compare(r, rtol, require_all=exporter != "dynamo-opt")
-        pytest.xfail(f"parameter gradients match torch (worst {r['worst']:.1e}); the input gradient "
-                     f"needs a rule for {op}: {str(exc)[:160]}")
+    r = run_network(family, exporter, opset)
     compare(r, rtol, require_all=exporter != "dynamo-opt")
     if exporter != "dynamo-opt":
         assert r["compared"] == len(r["tparams"])

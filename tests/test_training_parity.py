@@ -4,9 +4,19 @@ Per-step losses must agree within 1e-4 relative (float32 on both sides), for
 SGD with momentum (plain, Nesterov + weight decay) and AdamW, on an MLP and
 on small nets with BatchNormalization in training mode (whose running
 statistics are compared too, torch semantics: unbiased running_var).
+
+Batches are kink-free: a batch that puts some Relu input within KINK_MARGIN
+of zero under the reference's current weights is redrawn (for both sides)
+before either steps.  The two sides' weights differ by float32 roundoff
+(~1e-7); a Relu input closer to zero than that can fall on different sides of
+the kink in the two runs, after which the trajectories legitimately part
+(seen: a pre-activation of 3e-7 at step 45 turned a 1e-7 agreement into 1e-3).
+The same rule the checker applies to its inputs near max/relu kinks.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import onnx
@@ -20,6 +30,7 @@ torch = pytest.importorskip("torch")
 
 STEPS = 50
 RTOL = 1e-4
+KINK_MARGIN = 1e-4
 
 
 def _has(op):
@@ -135,6 +146,27 @@ NETS = {
 }
 
 
+def _relu_margin(net, x) -> float:
+    """Smallest |Relu input| of a batch under ``net``'s current weights (BN statistics untouched)."""
+    probe = copy.deepcopy(net)
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].abs().min().item()))
+             for m in probe.modules() if isinstance(m, torch.nn.ReLU)]
+    with torch.no_grad():
+        probe(torch.from_numpy(x))
+    for h in hooks:
+        h.remove()
+    return min(seen)
+
+
+def _kink_free_batch(rng, net, shape, tries=50):
+    for _ in range(tries):
+        x = rng.standard_normal(shape).astype(np.float32)
+        if _relu_margin(net, x) > KINK_MARGIN:
+            return x
+    raise AssertionError(f"no kink-free batch in {tries} draws")
+
+
 def _run(net_name, opt_name, seed=0, steps=STEPS, batch=16):
     rng = np.random.default_rng(seed)
     model, net, order, bufs, in_shape, n_cls = NETS[net_name][0](rng)
@@ -148,7 +180,7 @@ def _run(net_name, opt_name, seed=0, steps=STEPS, batch=16):
     teacher = rng.standard_normal((int(np.prod(in_shape)), n_cls))  # learnable labels
     ours, ref = [], []
     for _ in range(steps):
-        x = rng.standard_normal((batch,) + in_shape).astype(np.float32)
+        x = _kink_free_batch(rng, net, (batch,) + in_shape)
         y = np.argmax(x.reshape(batch, -1) @ teacher, axis=1)
         ours.append(trainer.train_step(x, y, lr=lr))
         topt.zero_grad()
@@ -165,7 +197,8 @@ def test_losses_match_torch(net_name, opt_name):
     ours, ref, trainer, params, bufs = _run(net_name, opt_name)
     rel = np.abs(ours - ref) / np.maximum(np.abs(ref), 1e-12)
     assert rel.max() <= RTOL, f"{net_name}/{opt_name}: worst per-step loss rel error {rel.max():.2e} at step {rel.argmax()}"
-    assert ref[-1] < ref[0], "the reference did not train; the comparison would be vacuous"
+    # single-batch losses are noisy: compare the first and last ten steps
+    assert ref[-10:].mean() < ref[:10].mean(), "the reference did not train; the comparison would be vacuous"
     # the parameters and running statistics after 50 steps agree too
     state = trainer.parameters()
     for name, p in list(params.items()) + list(bufs.items()):
