@@ -115,3 +115,25 @@ def test_custom_domain_rule_builds_standard_backward():
 def test_every_builtin_rule_has_a_lowering_description():
     for e in onnxbp.REGISTRY.entries():
         assert e.lowering, f"{e.op_type} has no lowering text for `onnxbp ops`"
+
+
+@pytest.mark.parametrize("op", ["Relu", "LeakyRelu"])
+@pytest.mark.parametrize("opset", [7, 9, 17])
+def test_select_matches_where_bit_for_bit(op, opset):
+    """``g.select`` (Cast/Mul, not Where) picks exactly the values np.where picks: Relu
+    (zero else-branch) and LeakyRelu (alpha*dy else-branch), at the kink and over a wide
+    range of magnitudes."""
+    from onnxbp.modelio import cpu_session
+
+    attrs = {"alpha": 0.3} if op == "LeakyRelu" else {}
+    model = make_model([helper.make_node(op, ["X"], ["Y"], name="k", **attrs)],
+                       [("X", np.float32, [4, 257])], [("Y", np.float32, [4, 257])], opset=opset)
+    gm = onnxbp.gradient(model, ["X"])
+    assert "Where" not in {n.op_type for n in gm.graph.node}
+    rng = np.random.default_rng(opset)
+    x = rng.standard_normal((4, 257)).astype(np.float32)
+    x[0, :5] = 0.0  # the kink itself takes the else branch
+    dy = (rng.standard_normal((4, 257)) * 10.0 ** rng.integers(-30, 30, (4, 257))).astype(np.float32)
+    got = cpu_session(gm).run(["X_grad"], {"X": x, "Y_grad": dy})[0]
+    other = dy * np.float32(0.3) if op == "LeakyRelu" else np.zeros_like(dy)
+    assert np.array_equal(got, np.where(x > 0, dy, other))

@@ -41,7 +41,8 @@ Conventions at kinks (torch's, so both agree everywhere):
 * HardSwish: ``X/3 + 1/2`` strictly inside ``-3 < X < 3``, 0 at and below
   -3, 1 at and above 3.
 
-Opsets: ``Where`` exists from opset 9; older models get ``Y' . Cast(mask)``.
+Branch choices are ``Y' . Cast(mask)`` (``g.select``), not ``Where``: exact for
+finite gradients and several times faster in onnxruntime; any opset.
 Float ``Equal`` needs opset 11, so older masks use Less/Greater/Not.
 """
 
@@ -65,13 +66,8 @@ def _mask(g, cond, like):
 
 
 def _select(g, cond, a, b, like):
-    """``Where(cond, a, b)``; ``b`` may be None for zero.  Cast masks below opset 9."""
-    if g.opset >= 9:
-        return g.op("Where", cond, a, b if b is not None else _c(g, 0.0, like))
-    m = _mask(g, cond, like)
-    if b is None:
-        return g.op("Mul", a, m)
-    return g.op("Add", b, g.op("Mul", m, g.op("Sub", a, b)))
+    """``a`` where ``cond`` holds, else ``b`` (zero when None), as Cast/Mul (``g.select``)."""
+    return g.select(cond, a, b, like=like)
 
 
 def _gt0(g, x):
@@ -106,12 +102,12 @@ def clip_attr_grad(g):
 
 
 @register_gradient("Clip", since=11, smoothness=PIECEWISE, non_differentiable_inputs=(1, 2),
-                   lowering="X'=Where(Equal(X, Y), Y', 0), i.e. min<=X<=max; min/max get none")
+                   lowering="X'=Y'*Cast(Equal(X, Y)), i.e. min<=X<=max; min/max get none")
 def clip_grad(g):
     x, dy = g.input(0), g.grad_output(0)
     if g.input(1) is None and g.input(2) is None:
         return [dy]
-    return [g.op("Where", g.op("Equal", x, g.output(0)), dy, _c(g, 0.0, x))]
+    return [_select(g, g.op("Equal", x, g.output(0)), dy, None, x)]
 
 
 @register_gradient("LeakyRelu", smoothness=PIECEWISE, lowering="X'=Where(X>0, Y', alpha*Y')")
@@ -151,7 +147,7 @@ def hard_swish_grad(g):
     inside = g.op("And", g.op("Greater", x, _c(g, -3.0, x)), g.op("Less", x, _c(g, 3.0, x)))
     slope = g.op("Add", g.op("Mul", x, _c(g, 1.0 / 3.0, x)), _c(g, 0.5, x))
     outside = g.op("Cast", _gt0(g, x), to=g.dtype(x))
-    return [g.op("Mul", dy, g.op("Where", inside, slope, outside))]
+    return [g.op("Mul", dy, _select(g, inside, slope, outside, x))]
 
 
 @register_gradient("Abs", smoothness=PIECEWISE, lowering="X'=Y'*Sign(X)")

@@ -80,8 +80,12 @@ s1/s2, 1x1 s1/s2, 7x7 s2 stem, depthwise 3x3 s1/s2; batch 8/32; 28x28 and
       Conv with the constant-folded rotated kernel avoids); "transpose"
       otherwise: 2.3-43x faster at stride 2 (the seed form computes on
       1 - 1/s^2 inserted zeros), a tie (0.77-1.72, noise) for 1x1 stride 1.
-  dW: "transpose" always: a tie at stride 1 (0.75-1.89, noise), 1.8-32x
-      faster at stride 2 and for the 7x7 stem.
+  dW: "patches" for group-1 convs with at least 8 input channels: whole
+      backward patches/transpose 0.42-0.60 for 3x3 s1, 0.80-0.96 for 3x3 s2,
+      0.28-0.56 for 1x1 (2026-12-01 run); "transpose" otherwise (the 7x7
+      stem with 3 input channels: patches 2.2-2.8x slower; grouped convs:
+      patches is group-1 only).  "seed" dW is never faster: a tie at
+      stride 1, 2.4-25x slower at stride 2 and for the stem.
 
 Shapes: spatial dims of X must be static (g.static_shape raises a ShapeError
 naming X otherwise); W's dims come from W or from kernel_shape / Y / X; the

@@ -51,15 +51,10 @@ def neg_grad(g):
     return [g.op("Neg", g.grad_output(0))]
 
 
-@register_gradient("Relu", smoothness=PIECEWISE, lowering="X'=Where(X>0, Y', 0)")
+@register_gradient("Relu", smoothness=PIECEWISE, lowering="X'=Y'*Cast(X>0)")
 def relu_grad(g):
     x = g.input(0)
-    dy = g.grad_output(0)
-    zero = g.const(0.0, like=x)
-    if g.opset >= 9:
-        return [g.op("Where", g.op("Greater", x, zero), dy, zero)]
-    mask = g.op("Cast", g.op("Greater", x, zero), to=g.dtype(x))
-    return [g.op("Mul", dy, mask)]
+    return [g.select(g.op("Greater", x, g.const(0.0, like=x)), g.grad_output(0), like=x)]
 
 
 @register_gradient("Sum", smoothness=LINEAR, lowering="X_i'=Y' summed over broadcast axes")

@@ -296,4 +296,4 @@ def dropout_grad(g):
 
 
 def _masked(g, x, dy, mask, scale):
-    return g.op("Where", mask, g.op("Mul", dy, scale), g.const(0.0, like=x))
+    return g.select(mask, g.op("Mul", dy, scale), like=x)
