@@ -95,6 +95,44 @@ def _bn_training(g) -> bool:
     return not g.attr("is_test", 0)
 
 
+def _bn_training_backward(g, x, scale, dy, red, eps):
+    """(X', scale', B') of training-mode BatchNormalization, per-channel sums shared.
+
+    The module docstring's formula with ``X^' = Y' * scale`` and ``x^ = xc * inv``
+    (``xc = X - mu``) regrouped so that only two per-channel sums of full
+    tensors are needed, ``S1 = sum(Y')`` and ``S2 = sum(Y' * xc)`` (the same
+    grouping as PyTorch's batch_norm_backward)::
+
+        B'     = S1
+        scale' = S2 * inv
+        X'     = (Y' - S1/n - xc * inv^2 * S2/n) * (scale * inv)
+
+    with ``n`` the number of reduced elements per channel (computed at run time:
+    the batch may be symbolic).  Seven full-size passes and four reductions,
+    against ten and six for the generic normalization backward.
+    """
+    rank = g.rank(x)
+    want_x, want_s, want_b = (g.needs_grad(i) for i in range(3))
+    mu = _reduce_mean(g, x, red)
+    xc = g.op("Sub", x, mu)
+    var = _reduce_mean(g, g.op("Mul", xc, xc), red)
+    inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, like=x))))  # (1, C, 1...)
+    s1 = g.reduce_sum(dy, red, keepdims=True) if (want_x or want_b) else None
+    s2 = g.reduce_sum(g.op("Mul", dy, xc), red, keepdims=True) if (want_x or want_s) else None
+    dx = ds = db = None
+    if want_x:
+        count = g.op("Div", g.op("Cast", g.op("Size", x), to=g.dtype(x)),
+                     g.op("Cast", g.op("Size", scale), to=g.dtype(x)))
+        k = g.op("Mul", g.op("Mul", inv, inv), g.op("Div", s2, count))
+        inner = g.op("Sub", g.op("Sub", dy, g.op("Div", s1, count)), g.op("Mul", xc, k))
+        dx = g.op("Mul", inner, g.op("Mul", inv, _channel(g, scale, rank)))
+    if want_s:
+        ds = g.squeeze(g.op("Mul", s2, inv), red)
+    if want_b:
+        db = g.squeeze(s1, red)
+    return dx, ds, db
+
+
 @register_gradient("BatchNormalization", smoothness=SMOOTH, state_inputs=(3, 4),
                    lowering="inference: affine in X (X'=Y'*scale/sqrt(var+eps)); training: full backward "
                             "through the batch mean and variance; running stats not differentiated")
@@ -112,14 +150,7 @@ def batch_norm_grad(g):
     out = [None] * 5
     if _bn_training(g):
         if dy is not None:
-            _, inv, xhat = _stats(g, x, red, eps)
-            if g.needs_grad(0):
-                dxhat = g.op("Mul", dy, _channel(g, scale, rank))
-                out[0] = _normalized_backward(g, dxhat, xhat, inv, red)
-            if g.needs_grad(1):
-                out[1] = g.reduce_sum(g.op("Mul", dy, xhat), red, keepdims=False)
-            if g.needs_grad(2):
-                out[2] = g.reduce_sum(dy, red, keepdims=False)
+            out[0], out[1], out[2] = _bn_training_backward(g, x, scale, dy, red, eps)
         for i, k in ((3, 1), (4, 2)):
             if g.needs_grad(i):
                 # Y does not depend on input_mean/var in training mode; running = momentum * input + ...
