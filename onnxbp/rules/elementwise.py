@@ -51,10 +51,12 @@ def neg_grad(g):
     return [g.op("Neg", g.grad_output(0))]
 
 
-@register_gradient("Relu", smoothness=PIECEWISE, lowering="X'=Y'*Cast(X>0)")
+@register_gradient("Relu", smoothness=PIECEWISE, lowering="X'=Y'*Cast(Y>0)")
 def relu_grad(g):
-    x = g.input(0)
-    return [g.select(g.op("Greater", x, g.const(0.0, like=x)), g.grad_output(0), like=x)]
+    # Y > 0 exactly where X > 0 (NaN: neither).  Reading Y, not X, lets X be freed after
+    # the forward: Y is kept anyway when the next layer's backward needs it (a Conv's dW).
+    y = g.output(0)
+    return [g.select(g.op("Greater", y, g.const(0.0, like=y)), g.grad_output(0), like=y)]
 
 
 @register_gradient("Sum", smoothness=LINEAR, lowering="X_i'=Y' summed over broadcast axes")
