@@ -177,21 +177,7 @@ class GradContext:
         overridden at run time) and outputs of forward ``Constant`` nodes with
         a ``value`` tensor.  Rules use it for axes/shape inputs.
         """
-        if not name:
-            return None
-        graph = self._b.graph
-        if any(i.name == name for i in graph.input):
-            return None
-        for init in graph.initializer:
-            if init.name == name:
-                return numpy_helper.to_array(init)
-        for node in self._b.nodes:
-            if node.op_type == "Constant" and node.output and node.output[0] == name:
-                for a in node.attribute:
-                    if a.name == "value":
-                        return numpy_helper.to_array(a.t)
-                return None
-        return None
+        return self._b.constant_value(name)
 
     def fail(self, what: str) -> None:
         """Raise a one-line :class:`UnsupportedAttributeError` about this node."""

@@ -119,19 +119,27 @@ class _Builder:
                 label = self.names.fresh(label)
             self._labels[id(node)] = label
 
-    def _const_ints(self, name: str) -> Optional[list]:
-        """Values of an int initializer (not overridable as a graph input) or Constant output, else None."""
-        if name in {i.name for i in self.graph.input}:
+    def constant_value(self, name: Optional[str]) -> Optional[np.ndarray]:
+        """The value of a forward tensor fixed at build time, else ``None``.
+
+        Known: initializers that are not also graph inputs (those can be
+        overridden at run time) and outputs of forward ``Constant`` nodes with
+        a ``value`` tensor.
+        """
+        if not name or any(i.name == name for i in self.graph.input):
             return None
-        for t in self.graph.initializer:
-            if t.name == name:
-                return [int(v) for v in np.asarray(numpy_helper.to_array(t)).reshape(-1)]
-        for n in self.graph.node:
-            if n.op_type == "Constant" and n.output and n.output[0] == name:
-                for a in n.attribute:
-                    if a.name == "value":
-                        return [int(v) for v in np.asarray(numpy_helper.to_array(a.t)).reshape(-1)]
+        for init in self.graph.initializer:
+            if init.name == name:
+                return numpy_helper.to_array(init)
+        for node in self.graph.node:
+            if node.op_type == "Constant" and node.output and node.output[0] == name:
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                return None if value is None else numpy_helper.to_array(value)
         return None
+
+    def _const_ints(self, name: str) -> Optional[list]:
+        value = self.constant_value(name)
+        return None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
 
     def _analysis_view(self, nodes: list) -> list:
         """The node list the analysis and the rules see.
