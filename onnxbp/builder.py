@@ -264,7 +264,7 @@ class GradContext:
         """``a`` where ``cond`` holds, else ``b`` (zero when None): a gradient's branch choice.
 
         Emitted as ``a * Cast(cond) [+ b * Cast(Not(cond))]`` rather than
-        ``Where``: onnxruntime's CPU Where is 4-8x slower than Cast and Mul on
+        ``Where``: onnxruntime's CPU Where is 4-5x slower than Cast and Mul on
         large tensors (benchmarks/bench_select.py), and for the finite
         gradients rules select between the result is the same bit for bit
         (one term is an exact zero).  Not for masking infinities or NaNs:

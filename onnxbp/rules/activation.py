@@ -65,11 +65,6 @@ def _mask(g, cond, like):
     return g.op("Cast", cond, to=g.dtype(like))
 
 
-def _select(g, cond, a, b, like):
-    """``a`` where ``cond`` holds, else ``b`` (zero when None), as Cast/Mul (``g.select``)."""
-    return g.select(cond, a, b, like=like)
-
-
 def _gt0(g, x):
     return g.op("Greater", x, _c(g, 0.0, x))
 
@@ -98,7 +93,7 @@ def clip_attr_grad(g):
     if not conds:
         return [dy]
     cond = conds[0] if len(conds) == 1 else g.op("And", *conds)
-    return [_select(g, cond, dy, None, x)]
+    return [g.select(cond, dy, like=x)]
 
 
 @register_gradient("Clip", since=11, smoothness=PIECEWISE, non_differentiable_inputs=(1, 2),
@@ -107,14 +102,14 @@ def clip_grad(g):
     x, dy = g.input(0), g.grad_output(0)
     if g.input(1) is None and g.input(2) is None:
         return [dy]
-    return [_select(g, g.op("Equal", x, g.output(0)), dy, None, x)]
+    return [g.select(g.op("Equal", x, g.output(0)), dy, like=x)]
 
 
 @register_gradient("LeakyRelu", smoothness=PIECEWISE, lowering="X'=Where(X>0, Y', alpha*Y')")
 def leaky_relu_grad(g):
     x, dy = g.input(0), g.grad_output(0)
     alpha = g.attr("alpha", 0.01)
-    return [_select(g, _gt0(g, x), dy, _scale(g, dy, alpha, x), x)]
+    return [g.select(_gt0(g, x), dy, _scale(g, dy, alpha, x), like=x)]
 
 
 @register_gradient("PRelu", smoothness=PIECEWISE,
@@ -125,9 +120,9 @@ def prelu_grad(g):
     pos = _gt0(g, x)
     dx = ds = None
     if g.needs_grad(0):
-        dx = _select(g, pos, dy, g.op("Mul", dy, slope), x)
+        dx = g.select(pos, dy, g.op("Mul", dy, slope), like=x)
     if g.needs_grad(1):
-        ds = g.unbroadcast(_select(g, g.op("Not", pos), g.op("Mul", dy, x), None, x), slope)
+        ds = g.unbroadcast(g.select(g.op("Not", pos), g.op("Mul", dy, x), like=x), slope)
     return [dx, ds]
 
 
@@ -137,7 +132,7 @@ def hard_sigmoid_grad(g):
     x, y, dy = g.input(0), g.output(0), g.grad_output(0)
     alpha = g.attr("alpha", 0.2)
     inside = g.op("And", g.op("Greater", y, _c(g, 0.0, x)), g.op("Less", y, _c(g, 1.0, x)))
-    return [_select(g, inside, _scale(g, dy, alpha, x), None, x)]
+    return [g.select(inside, _scale(g, dy, alpha, x), like=x)]
 
 
 @register_gradient("HardSwish", smoothness=PIECEWISE,
@@ -147,7 +142,7 @@ def hard_swish_grad(g):
     inside = g.op("And", g.op("Greater", x, _c(g, -3.0, x)), g.op("Less", x, _c(g, 3.0, x)))
     slope = g.op("Add", g.op("Mul", x, _c(g, 1.0 / 3.0, x)), _c(g, 0.5, x))
     outside = g.op("Cast", _gt0(g, x), to=g.dtype(x))
-    return [g.op("Mul", dy, _select(g, inside, slope, outside, x))]
+    return [g.op("Mul", dy, g.select(inside, slope, outside, like=x))]
 
 
 @register_gradient("Abs", smoothness=PIECEWISE, lowering="X'=Y'*Sign(X)")
@@ -186,7 +181,7 @@ def elu_grad(g):
     x, y, dy = g.input(0), g.output(0), g.grad_output(0)
     alpha = g.attr("alpha", 1.0)
     neg = g.op("Mul", dy, g.op("Add", y, _c(g, alpha, x)))
-    return [_select(g, _gt0(g, x), dy, neg, x)]
+    return [g.select(_gt0(g, x), dy, neg, like=x)]
 
 
 _SELU_ALPHA = 1.67326319217681884765625
@@ -199,7 +194,7 @@ def selu_grad(g):
     x, y, dy = g.input(0), g.output(0), g.grad_output(0)
     alpha, gamma = g.attr("alpha", _SELU_ALPHA), g.attr("gamma", _SELU_GAMMA)
     neg = g.op("Mul", dy, g.op("Add", y, _c(g, alpha * gamma, x)))
-    return [_select(g, _gt0(g, x), _scale(g, dy, gamma, x), neg, x)]
+    return [g.select(_gt0(g, x), _scale(g, dy, gamma, x), neg, like=x)]
 
 
 @register_gradient("Celu", smoothness=SMOOTH, lowering="X'=Where(X>0, Y', Y'*(Y/alpha+1))")
@@ -207,7 +202,7 @@ def celu_grad(g):
     x, y, dy = g.input(0), g.output(0), g.grad_output(0)
     alpha = g.attr("alpha", 1.0)
     neg = g.op("Mul", dy, g.op("Add", _scale(g, y, 1.0 / alpha, x), _c(g, 1.0, x)))
-    return [_select(g, _gt0(g, x), dy, neg, x)]
+    return [g.select(_gt0(g, x), dy, neg, like=x)]
 
 
 # Seed 004, gelu section: d erf(z)/dz = 2/sqrt(pi) exp(-z^2), so gelu' = Phi + x phi.

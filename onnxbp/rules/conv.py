@@ -116,7 +116,6 @@ REGISTRY.declare_option(
 )
 
 
-
 class _Conv:
     """The static facts of one Conv node, resolved once."""
 
