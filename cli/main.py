@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxbp",
         description="Gradients of ONNX models as standard ONNX ops, run by plain onnxruntime.")
-    parser.add_argument("--version", action="version", version=f"onnxbp {onnxbp.__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"onnxbp {onnxbp.__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

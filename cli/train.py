@@ -18,7 +18,8 @@ def add_parser(subparsers) -> None:
                     "update), run it with onnxruntime, and write the trained inference model.")
     p.add_argument("model", help="forward ONNX model (.onnx)")
     p.add_argument("--data", required=True,
-                   help="an .npz with x_train, y_train, x_test, y_test, or 'digits' (scikit-learn's 8x8 digits)")
+                   help="an .npz with x_train, y_train, x_test, y_test, or 'digits' (the 8x8 UCI digits "
+                        "shipped with onnxbp)")
     p.add_argument("--loss", default=DEFAULTS["loss"], choices=("cross_entropy", "mse", "l1", "output"),
                    help="loss on the model output (default: cross_entropy; 'output': the output is the loss)")
     p.add_argument("--optimizer", default=DEFAULTS["optimizer"], choices=("sgd", "adam", "adamw"),

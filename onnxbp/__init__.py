@@ -3,6 +3,8 @@
 >>> import onnxbp
 >>> grad_model = onnxbp.gradient("models/mlp.onnx")          # doctest: +SKIP
 >>> report = onnxbp.check_gradients("models/mlp.onnx")       # doctest: +SKIP
+>>> bw = onnxbp.backward(loss_model, seeds=["loss"])          # doctest: +SKIP
+>>> bw.gradients                                              # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from __future__ import annotations
 import logging
 
 from . import rules  # noqa: F401  (registers the built-in rules)
-from .builder import GradContext, TensorInfo
+from .context import GradContext
 from .checker import CheckReport, GradCheck, check_gradients
-from .engine import gradient
+from .engine import Backward, backward, gradient
 from .errors import (
     InternalError,
     ModelLoadError,
@@ -29,13 +31,15 @@ from .errors import (
 )
 from .modelio import load_model, save_model_atomic
 from .registry import REGISTRY, Registry, no_gradient, not_differentiable, register_gradient
+from .types import TensorInfo
+from .writer import GraphWriter
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "gradient", "check_gradients", "register_gradient", "no_gradient", "not_differentiable",
+    "gradient", "backward", "Backward", "GraphWriter", "check_gradients", "register_gradient", "no_gradient", "not_differentiable",
     "REGISTRY", "Registry", "GradContext", "TensorInfo", "CheckReport", "GradCheck",
     "load_model", "save_model_atomic",
     "OnnxbpError", "ModelLoadError", "OutputPathError", "WrtError", "UnsupportedOpError",

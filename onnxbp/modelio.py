@@ -6,12 +6,12 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import ModelLoadError, OutputPathError
+from .errors import ModelLoadError, OutputPathError, UnsupportedOpError
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,41 @@ def load_model(model: ModelLike, *, check: bool = True) -> onnx.ModelProto:
         try:
             onnx.checker.check_model(proto)
         except Exception as exc:  # noqa: BLE001 - ValidationError or InferenceError
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
-            raise ModelLoadError(f"{where} fails the ONNX checker: {first}") from None
+            raise ModelLoadError(f"{where} fails the ONNX checker: {first_line(exc)}") from None
     return proto
+
+
+def first_line(exc: BaseException, default: str = "validation failed") -> str:
+    """The first line of an exception's message (onnx's checker errors run to many lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else default
+
+
+def check_full(model: onnx.ModelProto, error: type, what: str) -> None:
+    """``onnx.checker.check_model(full_check=True)``; raise ``error("<what>: <first line>")``."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # noqa: BLE001 - ValidationError or InferenceError
+        raise error(f"{what}: {first_line(exc)}") from None
+
+
+def convert_opset(model: onnx.ModelProto, target: int, why: str, error: type = UnsupportedOpError) -> onnx.ModelProto:
+    """The model converted to default opset ``target`` by onnx's version converter, checked.
+
+    ``why`` says what needs the opset (for the message when conversion fails).
+    """
+    from .types import default_opset
+
+    try:
+        converted = onnx.version_converter.convert_version(model, target)
+        # The converter keeps the IR version; the new opset may need a newer one.
+        converted.ir_version = max(converted.ir_version,
+                                   onnx.helper.find_min_ir_version_for(list(converted.opset_import)))
+        onnx.checker.check_model(converted, full_check=True)
+    except Exception as exc:  # noqa: BLE001
+        raise error(f"{why} needs opset {target}, and onnx's version converter could not convert the model "
+                    f"from opset {default_opset(model)}: {first_line(exc, type(exc).__name__)}") from None
+    return converted
 
 
 def save_model_atomic(model: onnx.ModelProto, path: Union[str, os.PathLike],
@@ -117,13 +149,17 @@ def _umask() -> int:
     return mask
 
 
-def cpu_session(model: onnx.ModelProto, threads: int = 1):
-    """An onnxruntime CPU session: ``threads`` intra-op threads, no busy-waiting, quiet."""
+def cpu_session(model: onnx.ModelProto, threads: Optional[int] = 1, *, mem_pattern: bool = True):
+    """An onnxruntime CPU session: ``threads`` intra-op threads (None: onnxruntime's default), no
+    busy-waiting, quiet.  ``mem_pattern=False`` turns off onnxruntime's one-block memory plan
+    (training steps: see :class:`onnxbp.training.Trainer`)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
+    so.enable_mem_pattern = mem_pattern
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .builder import TensorInfo
+from .types import TensorInfo
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,8 @@ import pytest
 from onnx import helper
 
 import onnxbp
+from onnxbp.float64 import float64_model
+from onnxbp.modelio import cpu_session
 from onnxbp.registry import PIECEWISE, RULE, Registry
 from gradutil import make_model
 
@@ -75,8 +77,6 @@ CONV_EMULATION_CASES = [
 @pytest.mark.parametrize("case", CONV_EMULATION_CASES, ids=lambda c: f"{c[0]}d-g{c[6]}")
 def test_float64_conv_emulation_matches_onnxruntime(case):
     """The checker's float64 forward rewrites Conv as Slices and MatMuls: same numbers as ORT's Conv."""
-    from onnxbp.checker import _emulate_conv, _session, _to_float64
-
     dims, n, k, s, d, pads, group, c, m = case
     rng = np.random.default_rng(len(n) * 7 + group)
     attrs = dict(kernel_shape=list(k), strides=list(s), dilations=list(d), group=group)
@@ -91,10 +91,10 @@ def test_float64_conv_emulation_matches_onnxruntime(case):
                        {"W": w, "B": b}, check=False)
     model.graph.output[0].type.tensor_type.shape.dim.add().dim_param = "N"
     x = rng.standard_normal((2, c) + tuple(n)).astype(np.float32)
-    ref = _session(model).run(None, {"X": x})[0]
-    emulated = _to_float64(_emulate_conv(model, {"X": x}))
+    ref = cpu_session(model).run(None, {"X": x})[0]
+    emulated = float64_model(model, {"X": x})
     assert not [n_ for n_ in emulated.graph.node if n_.op_type == "Conv"]
-    got = _session(emulated).run(None, {"X": x.astype(np.float64)})[0]
+    got = cpu_session(emulated).run(None, {"X": x.astype(np.float64)})[0]
     assert got.dtype == np.float64 and got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -149,8 +149,6 @@ FLOAT64_REWRITE_CASES = [
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(FLOAT64_REWRITE_CASES)])
 def test_float64_rewrites_match_onnxruntime(op, attrs, dims):
     """Ops without a float64 kernel are rewritten for the checker: same numbers as ORT's float32."""
-    from onnxbp.checker import _emulate_conv, _session, _to_float64
-
     opset = 19 if "dilations" in attrs else 9 if op == "Clip" else 17
     shape = (2, 5) + (7, 6, 5)[:dims]
     node = helper.make_node(op, ["X"], ["Y"], name="op", **attrs)
@@ -158,9 +156,37 @@ def test_float64_rewrites_match_onnxruntime(op, attrs, dims):
                        [("Y", np.float32, [f"y{i}" for i in range(len(shape))])], opset=opset, check=False)
     onnx.checker.check_model(model)
     x = np.random.default_rng(dims).standard_normal(shape).astype(np.float32)
-    ref = _session(model).run(None, {"X": x})[0]
-    emulated = _to_float64(_emulate_conv(model, {"X": x}))
+    ref = cpu_session(model).run(None, {"X": x})[0]
+    emulated = float64_model(model, {"X": x})
     assert not [n for n in emulated.graph.node if n.op_type == op]
-    got = _session(emulated).run(None, {"X": x.astype(np.float64)})[0]
+    got = cpu_session(emulated).run(None, {"X": x.astype(np.float64)})[0]
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, ref, rtol=2e-6 if op != "Erf" else 0, atol=1e-6 if op != "Erf" else 2e-7)
+
+
+def test_float64_rewrites_use_only_pure_arithmetic_helpers():
+    """onnxbp/float64.py takes shared arithmetic from rules/*_arith.py, never from a rule module."""
+    import ast
+    from pathlib import Path
+
+    import onnxbp.float64 as f64
+
+    tree = ast.parse(Path(f64.__file__).read_text())
+    from_rules = [(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                  for a in n.names if n.module and "rules" in n.module]
+    assert from_rules and all(name.endswith("_arith") for _, name in from_rules), from_rules
+
+
+def test_float64_model_is_valid_and_keeps_the_outputs():
+    """The rewritten float64 model passes onnx's checker; node names are unique; outputs keep their names."""
+    from pathlib import Path
+
+    lenet = onnx.load(str(Path(__file__).resolve().parent.parent / "models" / "lenet.onnx"))
+    x = np.random.default_rng(0).standard_normal([2] + [d.dim_value for d in
+                                                        lenet.graph.input[0].type.tensor_type.shape.dim[1:]])
+    m = float64_model(lenet, {lenet.graph.input[0].name: x.astype(np.float32)})
+    onnx.checker.check_model(m, full_check=True)
+    names = [n.name for n in m.graph.node if n.name]
+    assert len(names) == len(set(names))
+    assert [o.name for o in m.graph.output] == [o.name for o in lenet.graph.output]
+    assert not [n for n in m.graph.node if n.op_type == "Conv"]

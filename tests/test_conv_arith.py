@@ -168,3 +168,90 @@ def test_numpy_free():
     """The helpers are pure ints: no numpy or onnx types leak out."""
     vals = ca.resolve_auto_pad("SAME_UPPER", [np.int64(7)], [3], [2], [1])
     assert all(type(v) is int for v in vals)
+
+
+@pytest.mark.parametrize("totals,mode,expected", [
+    ([3, 2, 0], "SAME_UPPER", [1, 1, 0, 2, 1, 0]),  # odd extra at the end
+    ([3, 2, 0], "SAME_LOWER", [2, 1, 0, 1, 1, 0]),  # ... at the beginning
+    ([5], "NOTSET", [3, 2]),  # ConvTranspose with output_shape: as SAME_LOWER
+])
+def test_split_total(totals, mode, expected):
+    assert ca.split_total(totals, mode) == expected
+
+
+@pytest.mark.parametrize("k,s,d", list(itertools.product([1, 2, 3], [1, 2, 3], [1, 2])))
+def test_kernel_offset_slices_against_enumeration(k, s, d):
+    """Offset r of the windows is the strided slice [r*d, r*d + (out-1)*s + 1) of the padded input."""
+    for out in (1, 2, 5):
+        rows = ca.kernel_offset_slices([k, 2], [s, 1], [d, 1], [out, 3])
+        assert [offs for offs, _, _ in rows] == [list(o) for o in itertools.product(range(k), range(2))]
+        for offs, starts, ends in rows:
+            assert list(range(starts[0], ends[0], s)) == [p * s + offs[0] * d for p in range(out)]
+            assert list(range(starts[1], ends[1], 1)) == [p + offs[1] for p in range(3)]
+
+
+# ------------------------------------------------------------------ ConvTranspose
+def _conv_transpose_1d(x, w, s, d, pb, pe, op):
+    """ConvTranspose by enumeration: tap (i, r) adds x[i] w[r] at i*s + r*d, then crop pb / pe."""
+    full = np.zeros((len(x) - 1) * s + (len(w) - 1) * d + 1 + op)
+    for i, r in itertools.product(range(len(x)), range(len(w))):
+        full[i * s + r * d] += x[i] * w[r]
+    return full[pb:len(full) - pe]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 5])
+@pytest.mark.parametrize("k,s,d", list(itertools.product([1, 2, 3], [1, 2, 3], [1, 2])))
+def test_conv_transpose_against_enumeration(n, k, s, d):
+    """Output size, the Conv that is its adjoint (X'), and the weight-gradient Conv's pads (W')."""
+    rng = np.random.default_rng(n * 100 + k * 10 + s + d)
+    ek = ca.effective_kernel(k, d)
+    for pb, pe, op in itertools.product(range(ek), range(ek), range(max(s, d))):
+        m = ca.conv_transpose_out_size(n, k, s, d, pb, pe, op)
+        if m < 1:
+            continue
+        x, w = rng.standard_normal(n), rng.standard_normal(k)
+        y = _conv_transpose_1d(x, w, s, d, pb, pe, op)
+        assert len(y) == m
+        # X': Conv of Y' with W (same s, d, pads) gives n + op // s positions, the first n are X'
+        dy = rng.standard_normal(m)
+        assert ca.conv_out_size(m, k, s, d, pb, pe) == n + op // s
+        dypad = np.concatenate([np.zeros(pb), dy, np.zeros(pe)])
+        dx = [sum(dypad[i * s + r * d] * w[r] for r in range(k)) for i in range(n)]
+        np.testing.assert_allclose(dx, [np.dot(dy, _conv_transpose_1d(np.eye(n)[i], w, s, d, pb, pe, op))
+                                        for i in range(n)], atol=1e-12)
+        # W': Conv of Y' (pads conv_transpose_weight_pads) with X as kernel, dilation s, stride d
+        wpb, wpe = ca.conv_transpose_weight_pads([pb, pe], [op])
+        assert wpb == pb and ca.conv_out_size(m, n, d, s, wpb, wpe) >= k
+        dypad = np.concatenate([np.zeros(wpb), dy, np.zeros(wpe)])
+        dw = [sum(dypad[r * d + i * s] * x[i] for i in range(n)) for r in range(k)]
+        np.testing.assert_allclose(dw, [np.dot(dy, _conv_transpose_1d(x, np.eye(k)[r], s, d, pb, pe, op))
+                                        for r in range(k)], atol=1e-12)
+
+
+@pytest.mark.parametrize("attrs", [
+    dict(auto_pad="SAME_UPPER"), dict(auto_pad="SAME_LOWER"), dict(auto_pad="VALID"),
+    dict(pads=[1, 0, 2, 1]), dict(output_shape=[6, 7]), dict(output_shape=[6, 7], auto_pad="SAME_UPPER"),
+    dict(output_shape=[5, 8], output_padding=[1, 0]), dict(auto_pad="SAME_LOWER", dilations=[2, 1]),
+])
+def test_conv_transpose_pads_match_onnx_shape_inference(attrs):
+    n, k, strides = [3, 4], [3, 2], [2, 2]
+    node = helper.make_node("ConvTranspose", ["X", "W"], ["Y"], strides=strides, **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", 1, [1, 2] + n),
+                                            helper.make_tensor_value_info("W", 1, [2, 3] + k)],
+                              [helper.make_tensor_value_info("Y", 1, None)])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    inferred = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim[2:]]
+    dil, opad = attrs.get("dilations", [1, 1]), attrs.get("output_padding", [0, 0])
+    pads = ca.conv_transpose_pads(attrs.get("auto_pad", "NOTSET"), n, k, strides, dil, opad, attrs.get("pads"),
+                                  attrs.get("output_shape"))
+    got = [ca.conv_transpose_out_size(n[i], k[i], strides[i], dil[i], pads[i], pads[2 + i], opad[i])
+           for i in range(2)]
+    assert got == inferred
+    if "output_shape" in attrs:
+        assert got == attrs["output_shape"]
+
+
+def test_conv_transpose_pads_refuse_growing_output_shape():
+    with pytest.raises(ValueError, match=r"output_shape \[9, 9\] is larger than the natural output size on "
+                                         r"spatial axis 0"):
+        ca.conv_transpose_pads("NOTSET", [3, 3], [3, 3], [2, 2], [1, 1], [0, 0], None, [9, 9])

@@ -374,7 +374,7 @@ def test_opsets(strategy, opset):
 def test_cli_flag(tmp_path, capsys, strategy):
     """The declared option reaches the CLI as --conv-strategy."""
     import onnx
-    from onnxbp_cli.main import main
+    from cli.main import main
 
     c = _case(2, (8, 8), (3, 3), (2, 2), (1, 1))
     src, dst = tmp_path / "conv.onnx", tmp_path / "grad.onnx"

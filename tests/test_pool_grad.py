@@ -22,8 +22,6 @@ storage_order (MaxPool) and count_include_pad (AveragePool).
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -41,7 +39,7 @@ from onnx import helper
 
 import onnxbp
 from onnxbp.errors import ShapeError, UnsupportedAttributeError
-from onnxbp.rules import pool as P
+from onnxbp.rules import pool_arith as P
 
 AUTO = ("NOTSET", "NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
@@ -614,27 +612,6 @@ def test_maxpool_symbolic_spatial_without_storage_order():
         gx = sess.run(["X_grad"], {"X": x, "Y_grad": dy})[0]
         if HAS_TORCH:
             assert_close(gx, _torch_pool(c, x, dy, y.shape), 1e-6, 1e-7, str(n))
-
-
-@pytest.mark.parametrize("args,want", [
-    ((5, 3, 3, 1, 0, 2, "NOTSET", 1), (0, 2, 2)),        # last ceil window starts in the end pad: dropped
-    ((5, 2, 2, 1, 0, 1, "NOTSET", 1), (0, 1, 3)),
-    ((5, 1, 3, 1, 0, 0, "SAME_UPPER", 0), (0, -1, 2)),   # negative SAME end pad (k < s)
-    ((7, 1, 4, 1, 0, 0, "SAME_LOWER", 0), (0, -2, 2)),   # C++ division truncates toward zero
-    ((6, 3, 2, 2, 9, 9, "SAME_LOWER", 0), (1, 0, 2)),    # SAME ignores dilation in pad_needed and pads
-    ((6, 3, 2, 2, 1, 1, "VALID", 1), (0, 0, 2)),
-])
-def test_pool_axis_table(args, want):
-    assert P.pool_axis(*args) == want
-
-
-def test_transpose_fit_restores_length():
-    for n, k, s, d, pb, pe, out in itertools.product(range(1, 8), range(1, 4), range(1, 4), range(1, 3),
-                                                     range(-1, 3), range(-1, 3), range(1, 5)):
-        cb, ce, pb2, pe2 = P.transpose_fit(n, k, s, d, pb, pe, out)
-        length = (out - 1) * s + (k - 1) * d + 1
-        assert min(cb, ce, pb2, pe2) >= 0
-        assert length - cb - ce + pb2 + pe2 == n
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float16], ids=["float64", "float16"])

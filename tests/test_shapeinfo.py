@@ -8,7 +8,7 @@ from onnx import TensorProto, helper
 
 import onnxbp
 from onnxbp import shapeinfo
-from onnxbp.builder import TensorInfo
+from onnxbp.types import TensorInfo
 from gradutil import assert_fd, make_model
 
 

@@ -27,7 +27,7 @@ HAS_POOL = onnxbp.REGISTRY.lookup("MaxPool", "", 17) is not None and onnxbp.REGI
 
 
 def _main(argv):
-    from onnxbp_cli.main import main
+    from cli.main import main
 
     return main([str(a) for a in argv])
 

@@ -7,12 +7,13 @@ decorators next to them.
 from . import (  # noqa: F401
     activation,  # Relu-like, sigmoid/tanh, Gelu/Erf, Exp/Log/Pow, Clip, ...
     conv,  # Conv (seed derivations; conv_arith holds the pad arithmetic)
+    conv_transpose,  # ConvTranspose (Convs; conv_arith's ConvTranspose pads)
     elementwise,  # Add/Sub/Mul/Div with broadcasting, Relu, Neg, Sum
     linalg,  # Gemm, MatMul
     loss,  # SoftmaxCrossEntropyLoss
     norm,  # BatchNormalization, LayerNormalization, InstanceNormalization, LRN, Dropout
-    pool,  # MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool
+    pool,  # MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool (pool_arith holds the geometry)
     reduce,  # Reduce*, Softmax/LogSoftmax, Mean/Max/Min
     shape,  # Flatten, Reshape, Identity, Cast; no-gradient and not-differentiable ops
-    tensor,  # Concat, Split, Slice, Transpose, Squeeze, Unsqueeze, Expand, Tile, Gather, Pad, Where, ConvTranspose
+    tensor,  # Concat, Split, Slice, Transpose, Squeeze, Unsqueeze, Expand, Tile, Gather, Pad, Where
 )

@@ -51,7 +51,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from onnx import helper
 
 from ..registry import PIECEWISE, SMOOTH, register_gradient
 
@@ -322,10 +321,6 @@ def _pow_base_local(g, a, b):
     may_be_zero = const is None or bool(np.any(const == 0))
     if may_be_zero and g.opset >= 11:  # float Equal needs opset 11
         # B = 0 at A = 0 would give 0 * inf = NaN; the derivative of A^0 is 0.
-        zero_b = g.op("Equal", b, g.const(0, dtype=_np_type(g, b)))
+        zero_b = g.op("Equal", b, g.const(0, like=b))
         local = g.op("Where", zero_b, _c(g, 0.0, a), local)
     return local
-
-
-def _np_type(g, t):
-    return helper.tensor_dtype_to_np_dtype(g.dtype(t))

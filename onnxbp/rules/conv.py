@@ -236,40 +236,54 @@ def _bpa_seed(g, zp, cv: _Conv):
     return g.op("Conv", zp, wt, group=cv.group, dilations=cv.d)
 
 
+def swap_batch_channels(g, t, group: int, per_group: int, sizes, group_major: bool):
+    """(N, group*per_group, sizes...) with its batch and channel axes exchanged (seed 2.4.1.1).
+
+    ``group_major=False`` gives (per_group, group*N, sizes...), the data of a
+    grouped Conv whose batch is ``per_group``; ``group_major=True`` gives
+    (group*per_group, N, sizes...), its kernel.  Group 1: Transpose(1, 0).
+    """
+    sp = list(range(2, 2 + len(sizes)))
+    if group == 1:
+        return g.transpose(t, [1, 0] + sp)
+    t = g.op("Reshape", t, g.ints([0, group, per_group] + list(sizes)))
+    t = g.transpose(t, ([1, 2, 0] if group_major else [2, 1, 0]) + [a + 1 for a in sp])
+    return g.op("Reshape", t, g.ints([group * per_group if group_major else per_group, -1] + list(sizes)))
+
+
+def swapped_conv(g, data, kern, group: int, data_pg: int, kern_pg: int, data_sizes, kern_sizes, **attrs):
+    """Conv(group) of ``data`` (N, g*a, ...) with ``kern`` (N, g*b, ...) as the kernel, batch and
+    channels exchanged (seed 2.4.1.1, "convolution of A and O'"): (a, g*b, ...)."""
+    return g.op("Conv", swap_batch_channels(g, data, group, data_pg, data_sizes, False),
+                swap_batch_channels(g, kern, group, kern_pg, kern_sizes, True),
+                group=group if group > 1 else None, **attrs)
+
+
+def weight_grad(g, data, kern, group: int, data_pg: int, kern_pg: int, data_sizes, kern_sizes, kernel,
+                pads, strides, dilations):
+    """A weight gradient as a channel-swapped Conv: (a, g*b, >= k) cropped to ``kernel`` and
+    transposed to (g*b, a, kernel...).  Conv's BPW(a) and ConvTranspose's W' are both this."""
+    nsp = len(kernel)
+    r = swapped_conv(g, data, kern, group, data_pg, kern_pg, data_sizes, kern_sizes,
+                     pads=list(pads) if any(pads) else None, strides=list(strides), dilations=list(dilations))
+    full = [ca.conv_out_size(data_sizes[i], kern_sizes[i], strides[i], dilations[i], pads[i], pads[nsp + i])
+            for i in range(nsp)]
+    crop = [i for i in range(nsp) if full[i] != kernel[i]]
+    if crop:
+        r = g.slice(r, [0] * len(crop), [kernel[i] for i in crop], [2 + i for i in crop])
+    return g.transpose(r, [1, 0] + list(range(2, 2 + nsp)))
+
+
 def _bpw_transpose(g, x, dy, cv: _Conv):
-    sp, gr = list(range(2, cv.rank)), cv.group
-    if gr == 1:
-        xt = g.transpose(x, [1, 0] + sp)  # (C, N, n)
-        dyt = g.transpose(dy, [1, 0] + sp)  # (M, N, out)
-    else:
-        xt = g.op("Reshape", x, g.ints([0, gr, cv.cg] + cv.n))
-        xt = g.transpose(xt, [2, 1, 0] + [a + 1 for a in sp])  # (Cg, g, N, n)
-        xt = g.op("Reshape", xt, g.ints([cv.cg, -1] + cv.n))
-        dyt = g.op("Reshape", dy, g.ints([0, gr, cv.mg] + cv.out))
-        dyt = g.transpose(dyt, [1, 2, 0] + [a + 1 for a in sp])  # (g, Mg, N, out)
-        dyt = g.op("Reshape", dyt, g.ints([cv.m, -1] + cv.out))
-    dw = g.op("Conv", xt, dyt, group=gr if gr > 1 else None, pads=cv.pads if any(cv.pads) else None,
-              strides=cv.d, dilations=cv.s)  # (Cg, M, >= k)
-    full = [ca.bpw_crop(*a) for a in cv._axes()]
-    if full != cv.k:
-        dw = g.slice(dw, [0] * cv.nsp, cv.k, sp)
-    return g.transpose(dw, [1, 0] + sp)
+    # (Cg, M, >= k) from X as data and dY as kernel, stride d, dilation s (conv_arith.bpw_crop)
+    return weight_grad(g, x, dy, cv.group, cv.cg, cv.mg, cv.n, cv.out, cv.k, cv.pads, cv.d, cv.s)
 
 
 def _bpw_seed(g, x, zp, cv: _Conv):
     sp, gr = list(range(2, cv.rank)), cv.group
     lz = [n + (k - 1) * d for n, k, d in zip(cv.n, cv.k, cv.d)]
-    if gr == 1:
-        data = g.transpose(zp, [1, 0] + sp)  # (M, N, n + (k-1)d)
-        kern = g.transpose(x, [1, 0] + sp)  # (C, N, n)
-    else:
-        data = g.op("Reshape", zp, g.ints([0, gr, cv.mg] + lz))
-        data = g.transpose(data, [2, 1, 0] + [a + 1 for a in sp])  # (Mg, g, N, lz)
-        data = g.op("Reshape", data, g.ints([cv.mg, -1] + lz))
-        kern = g.op("Reshape", x, g.ints([0, gr, cv.cg] + cv.n))
-        kern = g.transpose(kern, [1, 2, 0] + [a + 1 for a in sp])  # (g, Cg, N, n)
-        kern = g.op("Reshape", kern, g.ints([cv.c, -1] + cv.n))
-    dw = g.op("Conv", data, kern, group=gr if gr > 1 else None, strides=cv.d)  # (Mg, C, k)
+    # zp as data (Mg, g*N, n + (k-1)d), X as kernel (C, N, n)
+    dw = swapped_conv(g, zp, x, gr, cv.mg, cv.cg, lz, cv.n, strides=cv.d)  # (Mg, C, k)
     if gr > 1:
         if cv.mg > 1:
             dw = g.op("Reshape", dw, g.ints([cv.mg, gr, cv.cg] + cv.k))
@@ -284,8 +298,6 @@ MAX_PATCHES = 64
 
 def _bpw_patches(g, x, dy, cv: _Conv):
     """BPW (c): one Gemm per kernel offset on strided slices of the padded X (group 1)."""
-    import itertools
-
     sp = list(range(2, cv.rank))
     xt = g.transpose(x, [1, 0] + sp)  # (C, N, n...)
     if any(cv.pads):
@@ -293,9 +305,7 @@ def _bpw_patches(g, x, dy, cv: _Conv):
     dyr = g.op("Reshape", g.transpose(dy, [1, 0] + sp), g.ints([cv.m, -1]))  # (M, N*out)
     strided = any(s > 1 for s in cv.s)
     cols = []
-    for offs in itertools.product(*[range(k) for k in cv.k]):
-        starts = [o * d for o, d in zip(offs, cv.d)]
-        ends = [b + (o - 1) * s + 1 for b, o, s in zip(starts, cv.out, cv.s)]
+    for _offs, starts, ends in ca.kernel_offset_slices(cv.k, cv.s, cv.d, cv.out):
         padded = [n + b + e for n, b, e in zip(cv.n, cv.pb, cv.pe)]
         xr = xt
         if starts != [0] * cv.nsp or ends != padded or strided:

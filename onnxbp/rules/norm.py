@@ -44,26 +44,11 @@ Dropout in training mode is ``Y = X * mask / (1 - ratio)``, so
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper, numpy_helper
 
 from ..registry import LINEAR, SMOOTH, register_gradient
 
 
 # ---------------------------------------------------------------- helpers
-def _reduce_mean(g, x, axes, keepdims=True):
-    axes = [int(a) for a in axes]
-    if not axes:
-        return x
-    if g.opset >= 18:
-        return g.op("ReduceMean", x, g.ints(axes), keepdims=int(keepdims))
-    return g.op("ReduceMean", x, axes=axes, keepdims=int(keepdims))
-
-
-def _zeros_like(g, t):
-    value = numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(g.dtype(t))))
-    return g.op("ConstantOfShape", g.op("Shape", t), value=value)
-
-
 def _channel(g, p, rank):
     """A per-channel (C,) tensor reshaped to broadcast against (N, C, ...)."""
     return g.unsqueeze(p, [0] + list(range(2, rank)))
@@ -71,17 +56,17 @@ def _channel(g, p, rank):
 
 def _normalized_backward(g, dxhat, xhat, inv, axes):
     """inv * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over ``axes``."""
-    m1 = _reduce_mean(g, dxhat, axes)
-    m2 = _reduce_mean(g, g.op("Mul", dxhat, xhat), axes)
+    m1 = g.reduce_mean(dxhat, axes)
+    m2 = g.reduce_mean(g.op("Mul", dxhat, xhat), axes)
     inner = g.op("Sub", g.op("Sub", dxhat, m1), g.op("Mul", xhat, m2))
     return g.op("Mul", inv, inner)
 
 
 def _stats(g, x, axes, eps):
     """(x - mu, inv, x^) over ``axes``, recomputed in x's dtype."""
-    mu = _reduce_mean(g, x, axes)
+    mu = g.reduce_mean(x, axes)
     xc = g.op("Sub", x, mu)
-    var = _reduce_mean(g, g.op("Mul", xc, xc), axes)
+    var = g.reduce_mean(g.op("Mul", xc, xc), axes)
     inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, like=x))))
     return xc, inv, g.op("Mul", xc, inv)
 
@@ -113,9 +98,9 @@ def _bn_training_backward(g, x, scale, dy, red, eps):
     """
     rank = g.rank(x)
     want_x, want_s, want_b = (g.needs_grad(i) for i in range(3))
-    mu = _reduce_mean(g, x, red)
+    mu = g.reduce_mean(x, red)
     xc = g.op("Sub", x, mu)
-    var = _reduce_mean(g, g.op("Mul", xc, xc), red)
+    var = g.reduce_mean(g.op("Mul", xc, xc), red)
     inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, like=x))))  # (1, C, 1...)
     s1 = g.reduce_sum(dy, red, keepdims=True) if (want_x or want_b) else None
     s2 = g.reduce_sum(g.op("Mul", dy, xc), red, keepdims=True) if (want_x or want_s) else None
@@ -156,13 +141,13 @@ def batch_norm_grad(g):
                 # Y does not depend on input_mean/var in training mode; running = momentum * input + ...
                 d = g.grad_output(k)
                 out[i] = (g.op("Mul", d, g.const(float(g.attr("momentum", 0.9)), like=mean)) if d is not None
-                          else _zeros_like(g, g.input(i)))
+                          else g.zeros_like(g.input(i)))
         if g.needs_grad(0) and out[0] is None:
             g.fail("in training mode X reaches the outputs only through running_mean/running_var, which "
                    "are not differentiated; request gradients of Y's inputs through Y")
         for i in (1, 2):  # scale and B do not enter running_mean/running_var: exactly zero
             if g.needs_grad(i) and out[i] is None:
-                out[i] = _zeros_like(g, g.input(i))
+                out[i] = g.zeros_like(g.input(i))
         return out
     if dy is None:
         g.fail("only output Y is differentiated in inference mode")

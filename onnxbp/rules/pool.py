@@ -11,7 +11,8 @@ sections 2.3 / 3.1.3 for a layer whose local derivative is a selection
     Y[b, c, p] = (1 / cnt[p]) sum_{i in win(p)} X[b, c, i]   AveragePool
     X'[b, c, i] = sum_{p : i in win(p)} Y'[b, c, p] / cnt[p]
 
-Geometry (one spatial axis, onnxruntime's semantics, :func:`pool_axis`):
+Geometry (one spatial axis, onnxruntime's semantics; the pure helpers in
+rules/pool_arith.py, tested alone in tests/test_pool_arith.py):
 input length ``n``, kernel ``k``, stride ``s``, dilation ``d``, window
 ``p`` reads positions ``p*s - pb + r*d`` (r < k) of X; positions outside
 ``[0, min(n, n + pe))`` are padding (-inf for max, 0 for the sum).  auto_pad SAME_* uses
@@ -62,85 +63,14 @@ GlobalMaxPool: ``X' = m . Y' / sum(m)``, ``m = [X == Y]`` (as ``not(X < Y)``):
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Sequence
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from ..registry import LINEAR, PIECEWISE, register_gradient
+from .pool_arith import AUTO_PAD_MODES, avg_divisors, outer, pool_geometry, real_windows, transpose_fits
 
 log = logging.getLogger(__name__)
-
-AUTO_PAD_MODES = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
-
-
-# ------------------------------------------------------------ pure geometry
-
-
-def _tdiv(a: int, b: int) -> int:
-    """C++ integer division (truncates toward zero)."""
-    q = abs(a) // abs(b)
-    return q if (a >= 0) == (b > 0) else -q
-
-
-def pool_axis(n: int, k: int, s: int, d: int, pb: int, pe: int, auto_pad: str = "NOTSET",
-              ceil_mode: int = 0) -> tuple:
-    """(pb, pe, out) of one spatial axis, as onnxruntime's PoolAttributes computes them."""
-    if auto_pad == "VALID":
-        pb = pe = 0
-    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        target = _tdiv(n + s - 1, s)
-        need = (target - 1) * s + k - n
-        pb = _tdiv(need + 1, 2) if auto_pad == "SAME_LOWER" else _tdiv(need, 2)
-        pe = need - pb
-    num = n + pb + pe - d * (k - 1) - 1
-    out = _tdiv(num, s) + 1
-    if ceil_mode:
-        out = math.ceil(num / s) + 1
-        if (out - 1) * s >= n + pb:
-            out -= 1
-    return pb, pe, out
-
-
-def window_positions(n: int, k: int, s: int, d: int, pb: int, out: int) -> list:
-    """Input positions (possibly outside [0, n)) read by each output position."""
-    return [[p * s - pb + r * d for r in range(k)] for p in range(out)]
-
-
-def avg_counts(n: int, k: int, s: int, d: int, pb: int, pe: int, out: int,
-               count_include_pad: int) -> list:
-    """AveragePool's per-output divisor along one axis (0 for a window of pure padding)."""
-    lo, hi = (-pb, n + pe) if count_include_pad else (0, min(n, n + pe))
-    return [sum(lo <= q < hi for q in win) for win in window_positions(n, k, s, d, pb, out)]
-
-
-def real_windows(n: int, k: int, s: int, d: int, pb: int, pe: int, out: int) -> list:
-    """Whether each window along one axis reads at least one element of X."""
-    hi = min(n, n + pe)
-    return [any(0 <= q < hi for q in win) for win in window_positions(n, k, s, d, pb, out)]
-
-
-def outer(vectors: Sequence[Sequence[float]]) -> np.ndarray:
-    """Outer product of per-axis vectors: the (out_1, ..., out_k) grid."""
-    grid = np.ones((), dtype=np.float64)
-    for v in vectors:
-        grid = np.multiply.outer(grid, np.asarray(v, dtype=np.float64))
-    return grid
-
-
-def transpose_fit(n: int, k: int, s: int, d: int, pb: int, pe: int, out: int) -> tuple:
-    """How to bring a pad-free ConvTranspose result back to ``[0, n)``.
-
-    ``ConvTranspose(dY, ones, s, d)`` with no pads covers the padded positions
-    ``[-pb, -pb + L)``, ``L = (out-1)*s + (k-1)*d + 1``.  Windows read X only
-    in ``[0, min(n, n + pe))`` (a negative SAME pad clips them), so the rest
-    is cropped and refilled with zeros.  Returns ``(crop_begin, crop_end,
-    pad_begin, pad_end)``, all >= 0.
-    """
-    length = (out - 1) * s + (k - 1) * d + 1
-    end, hi = length - pb, min(n, n + pe)
-    return max(pb, 0), max(end - hi, 0), max(-pb, 0), n - min(end, hi)
 
 
 # ------------------------------------------------------------ shared parsing
@@ -173,12 +103,8 @@ class _Pool:
         static = all(isinstance(v, int) for v in shape[2:])
         if need_static or static:
             self.n = [int(v) for v in g.static_shape(x, axes=range(2, rank))[2:]]
-            geo = [pool_axis(self.n[i], self.k[i], self.s[i], self.d[i], self.pads_attr[i],
-                             self.pads_attr[self.nsp + i], self.auto_pad, self.ceil_mode)
-                   for i in range(self.nsp)]
-            self.pb = [a for a, _, _ in geo]
-            self.pe = [b for _, b, _ in geo]
-            self.out = [c for _, _, c in geo]
+            self.pb, self.pe, self.out = pool_geometry(self.n, self.k, self.s, self.d, self.pads_attr,
+                                                       self.auto_pad, self.ceil_mode)
             self._check_output_shape()
 
     def _check_output_shape(self) -> None:
@@ -258,8 +184,7 @@ def maxpool_grad(g):
     if acc != elem:
         updates = g.op("Cast", updates, to=acc)
     size = g.op("Reshape", g.op("Size", x), g.ints([1]))
-    zeros = g.op("ConstantOfShape", size,
-                 value=numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(acc))))
+    zeros = g.zeros(size, acc)
     dx = g.op("ScatterElements", zeros, g.op("Reshape", idx, flat), updates, axis=0, reduction="add")
     if acc != elem:
         dx = g.op("Cast", dx, to=elem)
@@ -278,16 +203,11 @@ def averagepool_grad(g):
     x = g.input(0)
     info = _Pool(g, need_static=True)
     cip = int(g.attr("count_include_pad", 0))
-    counts = outer([avg_counts(info.n[i], info.k[i], info.s[i], info.d[i], info.pb[i], info.pe[i],
-                               info.out[i], cip) for i in range(info.nsp)])
-    counts[counts == 0] = 1.0  # pure-padding windows: no element of X receives their gradient
+    counts = avg_divisors(info.n, info.k, info.s, info.d, info.pb, info.pe, info.out, cip)
     dy = g.op("Div", g.grad_output(0), g.const(counts, like=x))
     dy = g.op("Reshape", dy, g.ints([-1, 1] + info.out))
     kernel = g.const(np.ones([1, 1] + info.k), like=x)
-    fit = [transpose_fit(info.n[i], info.k[i], info.s[i], info.d[i], info.pb[i], info.pe[i], info.out[i])
-           for i in range(info.nsp)]
-    crop_b, crop_e = [f[0] for f in fit], [f[1] for f in fit]
-    pad_b, pad_e = [f[2] for f in fit], [f[3] for f in fit]
+    crop_b, crop_e, pad_b, pad_e = transpose_fits(info.n, info.k, info.s, info.d, info.pb, info.pe, info.out)
     # output_padding appends zeros before the pads crop, so it only stands in for an
     # end Pad on axes that are not also cropped at the end
     use_op = not any(pad_b) and all(e < s and (e == 0 or c == 0) for e, s, c in zip(pad_e, info.s, crop_e))

@@ -1,4 +1,4 @@
-"""Ops that move, select or replicate elements, and ConvTranspose.
+"""Ops that move, select or replicate elements.
 
 Every op here is linear in its data input(s) ``X``: ``Y = A X`` for a 0/1
 selection-or-replication matrix ``A`` fixed by the attributes and the
@@ -17,45 +17,20 @@ inverse reshape):
 
 Where(C, X, Y) routes ``Y'`` to X where C holds and to Y elsewhere.
 
-ConvTranspose is the adjoint of Conv w.r.t. its input (seed 004, "Alternative
-with transposed convolution"), so its input gradient is the Conv itself with
-the same strides, dilations, pads and group; its weight gradient is the conv
-weight-gradient identity (seed 000/001 section 2.4.1, seed 004 summary) with
-the roles of X and Y' swapped: batch and channel axes exchanged, the stride
-becoming the dilation and the dilation the stride.
+(ConvTranspose, also linear, lives with the conv family: rules/conv_transpose.py.)
 """
 
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from ..registry import LINEAR, register_gradient
 
 _INT64_MIN = -(2 ** 63)
-_INT64_MAX = 2 ** 63 - 1
 
 
 # ---------------------------------------------------------------- helpers
-def _zeros_like(g, t, like=None):
-    """A zero tensor shaped like ``t`` (runtime shape), dtype of ``like`` (default ``t``)."""
-    like = like or t
-    elem = g.dtype(like)
-    if g.opset >= 9:
-        value = numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(elem)))
-        return g.op("ConstantOfShape", g.op("Shape", t), value=value)
-    return g.const(np.zeros(g.static_shape(t)), like=like)
-
-
-def _pad(g, t, pads, like):
-    """Constant-0 Pad of a backward tensor ``t`` (dtype of forward tensor ``like``)."""
-    if not any(pads):
-        return t
-    if g.opset >= 11:
-        return g.op("Pad", t, g.ints(pads), g.const(0.0, like=like))
-    return g.op("Pad", t, pads=[int(p) for p in pads], value=0.0)
-
-
 def _dim(g, x, axis):
     """Runtime size of ``x`` along ``axis`` as a 1-element int64 tensor."""
     return g.op("Gather", g.op("Shape", x), g.ints([axis]))
@@ -106,7 +81,7 @@ def split_grad(g):
     parts = []
     for k, y in enumerate(g.outputs):
         d = g.grad_output(k)
-        parts.append(d if d is not None else _zeros_like(g, y))
+        parts.append(d if d is not None else g.zeros_like(y))
     return [g.op("Concat", *parts, axis=g.attr("axis", 0)), None]
 
 
@@ -179,7 +154,7 @@ def _slice_grad_static(g, x, dy, rank, starts, ends, axes, steps):
         dim = shape[a]
         idx = _onnx_slice_indices(dim, start, end, step)
         if not idx:
-            return _zeros_like(g, x)
+            return g.zeros_like(x)
         n = len(idx)
         if step < 0:  # reverse Y' along a: its element j came from idx[j], now ascending
             t = g.slice(t, [-1], [_INT64_MIN], [a], [-1])
@@ -194,13 +169,13 @@ def _slice_grad_static(g, x, dy, rank, starts, ends, axes, steps):
             u = g.unsqueeze(t, [a + 1])
             upad = [0] * (2 * (rank + 1))
             upad[rank + 1 + a + 1] = s - 1
-            t = g.op("Reshape", _pad(g, u, upad, x), target)
+            t = g.op("Reshape", g.pad(u, upad, like=x), target)
             span = n * s
         else:
             span = n
         pads[a] = first
         pads[rank + a] = dim - first - span  # negative: crop the trailing interleaved zeros
-    return _pad(g, t, pads, x)
+    return g.pad(t, pads, like=x)
 
 
 def _slice_grad_runtime(g, x, dy, rank, axes):
@@ -224,8 +199,7 @@ def _slice_grad_runtime(g, x, dy, rank, axes):
         mask = np.zeros(rank, dtype=bool)
         mask[a] = True
         new_shape = g.op("Where", g.const(mask), g.op("Expand", dim, g.ints([rank])), g.op("Shape", t))
-        value = numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(g.dtype(x))))
-        zeros = g.op("ConstantOfShape", new_shape, value=value)
+        zeros = g.zeros(new_shape, g.dtype(x))
         t = g.op("ScatterElements", zeros, idx, t, axis=a)
     return t
 
@@ -303,7 +277,7 @@ def gather_grad(g):
     idx_shape = [1] * rank
     idx_shape[axis] = -1
     idx_full = g.op("Expand", g.op("Reshape", flat, g.ints(idx_shape)), g.op("Shape", upd))
-    dx = g.op("ScatterElements", _zeros_like(g, x), idx_full, upd, axis=axis, reduction="add")
+    dx = g.op("ScatterElements", g.zeros_like(x), idx_full, upd, axis=axis, reduction="add")
     return [dx, None]
 
 
@@ -314,7 +288,7 @@ def gather_elements_grad(g):
     rank = g.rank(x)
     axis = _norm_axis(g, g.attr("axis", 0), rank)
     idx = _nonneg_indices(g, idx, x, axis)
-    dx = g.op("ScatterElements", _zeros_like(g, x), idx, g.grad_output(0), axis=axis, reduction="add")
+    dx = g.op("ScatterElements", g.zeros_like(x), idx, g.grad_output(0), axis=axis, reduction="add")
     return [dx, None]
 
 
@@ -333,7 +307,7 @@ def pad_grad(g):
         return _pad_grad_border(g, x, dy, mode)
     if g.opset < 11:
         pads = g.attr("pads")
-        return [_pad(g, dy, [-int(p) for p in pads], x)]
+        return [g.pad(dy, [-int(p) for p in pads], like=x)]
     pads_value = g.constant_value(g.input(1))
     neg = (g.ints([-int(p) for p in np.asarray(pads_value).reshape(-1)]) if pads_value is not None
            else g.op("Neg", g.input(1)))
@@ -397,7 +371,7 @@ def _pad_grad_border(g, x, dy, mode):
                 pad[a], pad[rank + a] = (1, dim - 1 - size) if begin else (dim - 1 - size, 1)
             else:  # wrap: Y[j] = X[dim-b+j] before, Y[b+dim+j] = X[j] after
                 pad[a], pad[rank + a] = (dim - size, 0) if begin else (0, dim - size)
-            parts.append(_pad(g, region, pad, x))
+            parts.append(g.pad(region, pad, like=x))
         t = g.add_n(parts)
     return [t, None, None, None][: max(1, len(g.inputs))]
 
@@ -415,108 +389,3 @@ def where_grad(g):
     if g.needs_grad(2):
         db = g.unbroadcast(g.op("Where", c, zero, dy), b)
     return [None, da, db]
-
-
-# ---------------------------------------------------------------- ConvTranspose
-@register_gradient("ConvTranspose", smoothness=LINEAR,
-                   lowering="X'=Conv(Y', W, same strides/dilations/pads/group); "
-                            "W'=Conv(Y'^T, X^T, strides<->dilations) cropped; B'=ReduceSum(Y')")
-def conv_transpose_grad(g):
-    x, w = g.input(0), g.input(1)
-    dy = g.grad_output(0)
-    rank = g.rank(x)
-    nsp = rank - 2
-    if nsp < 1:
-        g.fail("ConvTranspose needs at least one spatial axis")
-    ws = g.static_shape(w)
-    xs = g.static_shape(x, axes=range(1, rank))
-    ys = g.static_shape(g.output(0), axes=range(1, rank))
-    ks = list(ws[2:])
-    strides = list(g.attr("strides", [1] * nsp))
-    dil = list(g.attr("dilations", [1] * nsp))
-    group = int(g.attr("group", 1))
-    opad = list(g.attr("output_padding", [0] * nsp))
-    auto_pad = g.attr("auto_pad", "NOTSET") or "NOTSET"
-    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
-        g.fail(f"ConvTranspose auto_pad={auto_pad!r} is unknown; supported: NOTSET, VALID, SAME_UPPER, SAME_LOWER")
-    out_shape = g.attr("output_shape")
-    if out_shape is not None and len(out_shape) == rank:  # some exporters include N and C
-        out_shape = list(out_shape)[2:]
-    if auto_pad == "VALID" and out_shape is None:
-        pads = [0] * (2 * nsp)
-    elif auto_pad == "NOTSET" and out_shape is None:
-        pads = list(g.attr("pads", [0] * (2 * nsp)))
-    else:
-        # The spec's pad generation: total = natural size - requested size; SAME_UPPER puts
-        # the odd extra at the end, anything else at the beginning.
-        want = out_shape if out_shape is not None else [xs[2 + i] * strides[i] for i in range(nsp)]
-        begins, ends = [], []
-        for i in range(nsp):
-            total = strides[i] * (xs[2 + i] - 1) + opad[i] + (ks[i] - 1) * dil[i] + 1 - int(want[i])
-            if total < 0:
-                g.fail(f"output_shape {list(want)} is larger than the natural output size on spatial axis {i}; "
-                       f"only cropping output shapes are supported")
-            b = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
-            begins.append(b)
-            ends.append(total - b)
-        pads = begins + ends
-    # Output sizes the forward produced, per the spec (checked against inference).
-    for i in range(nsp):
-        want = strides[i] * (xs[2 + i] - 1) + opad[i] + (ks[i] - 1) * dil[i] + 1 - pads[i] - pads[nsp + i]
-        if want != ys[2 + i]:
-            g.fail(f"spatial dim {i}: expected output size {want} from the attributes, shape inference "
-                   f"says {ys[2 + i]}")
-    out = [None, None, None]
-    sp = list(range(2, rank))
-    if g.needs_grad(0):
-        # ConvTranspose is Conv's adjoint w.r.t. its input, so X' is that Conv (seed 004).
-        dx = g.op("Conv", dy, w, strides=strides, dilations=dil, pads=pads, group=group,
-                  kernel_shape=ks)
-        # Conv yields H + floor(output_padding / stride) rows: drop the extra ones.
-        extra = [i for i in range(nsp) if opad[i] >= strides[i]]
-        if extra:
-            dx = g.slice(dx, [0] * len(extra), [xs[2 + i] for i in extra], [2 + i for i in extra])
-        out[0] = dx
-    if g.needs_grad(1):
-        out[1] = _conv_transpose_dw(g, x, dy, xs, ys, ks, strides, dil, pads, opad, group)
-    if len(g.inputs) > 2 and g.input(2) is not None and g.needs_grad(2):
-        out[2] = g.reduce_sum(dy, [0] + sp, keepdims=False)
-    return out
-
-
-def _conv_transpose_dw(g, x, dy, xs, ys, ks, strides, dil, pads, opad, group):
-    """W'[c, o, k] = sum_{n,i} X[n, c, i] Y'[n, o, i*s - pb + k*d]  (seed 000/001 section 2.4.1).
-
-    A Conv whose batch axis is Y's channel axis and whose channel axis is the
-    batch: input Y'^T (C_out, N, Hy), weight X^T (C_in, N, Hx), stride = d,
-    dilation = s, pads (pb, max(pe - output_padding, 0)); the output (C_out,
-    C_in, K') is cropped to K and transposed to W's (C_in, C_out/group, K).
-    With groups, the batch is folded into each group's channels.
-    """
-    rank = len(xs)
-    nsp = rank - 2
-    cin, cout = xs[1], ys[1]
-    cig, cog = cin // group, cout // group
-    sp = list(range(2, rank))
-    cpads = list(pads[:nsp]) + [max(pads[nsp + i] - opad[i], 0) for i in range(nsp)]
-    if group == 1:
-        a = g.transpose(dy, [1, 0] + sp)  # (C_out, N, Hy)
-        b = g.transpose(x, [1, 0] + sp)  # (C_in, N, Hx)
-    else:
-        # (N, g*cog, Hy) -> (cog, g, N, Hy) -> (cog, g*N, Hy)
-        a = g.op("Reshape", dy, g.ints([0, group, cog] + list(ys[2:])))
-        a = g.transpose(a, [2, 1, 0] + [s + 1 for s in sp])
-        a = g.op("Reshape", a, g.ints([cog, -1] + list(ys[2:])))
-        # (N, g*cig, Hx) -> (g, cig, N, Hx) -> (g*cig, N, Hx)
-        b = g.op("Reshape", x, g.ints([0, group, cig] + list(xs[2:])))
-        b = g.transpose(b, [1, 2, 0] + [s + 1 for s in sp])
-        b = g.op("Reshape", b, g.ints([cin, -1] + list(xs[2:])))
-    r = g.op("Conv", a, b, strides=dil, dilations=strides, pads=cpads, group=group,
-             kernel_shape=list(xs[2:]))
-    # r: (C_out or cog, C_in, K'); K' >= K.
-    kp = [(ys[2 + i] + cpads[i] + cpads[nsp + i] - ((xs[2 + i] - 1) * strides[i] + 1)) // dil[i] + 1
-          for i in range(nsp)]
-    crop = [i for i in range(nsp) if kp[i] != ks[i]]
-    if crop:
-        r = g.slice(r, [0] * len(crop), [ks[i] for i in crop], [2 + i for i in crop])
-    return g.transpose(r, [1, 0] + sp)

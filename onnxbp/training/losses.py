@@ -10,27 +10,23 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
+
+from ..types import value_info_dims
+from ..writer import GraphWriter, value_info
 
 from .errors import DataError, TrainingError
 
 LOSSES = ("cross_entropy", "mse", "l1", "output")
 
 
-def _dims(vi: onnx.ValueInfoProto):
-    tt = vi.type.tensor_type
-    if not tt.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-
-
-def add_loss(em, kind: str, output: onnx.ValueInfoProto, target_name: str, loss_name: str):
-    """Append the loss nodes to emitter ``em``; return the target input ValueInfo (or None).
+def add_loss(w: GraphWriter, kind: str, output: onnx.ValueInfoProto, target_name: str, loss_name: str):
+    """Write the loss nodes with ``w``; return the target input ValueInfo (or None).
 
     ``kind``: ``cross_entropy`` (integer labels), ``mse``, ``l1`` (float target of the output's
     shape) or ``output`` (the model's output already is the scalar loss).
     """
-    dims = _dims(output)
+    dims = value_info_dims(output)
     elem = output.type.tensor_type.elem_type
     y = output.name
     if kind == "cross_entropy":
@@ -38,31 +34,29 @@ def add_loss(em, kind: str, output: onnx.ValueInfoProto, target_name: str, loss_
             raise TrainingError(
                 f"loss cross_entropy needs the model output {y!r} to be (N, C[, d...]) scores with a static "
                 f"class count C, but its shape is {dims}; use --loss mse/l1 or fix the model")
-        em.op("SoftmaxCrossEntropyLoss", y, target_name, out=loss_name, hint="cross_entropy", reduction="mean")
+        w.op("SoftmaxCrossEntropyLoss", y, target_name, out=loss_name, name="cross_entropy", reduction="mean")
         label_dims = [dims[0]] + list(dims[2:])
-        return helper.make_tensor_value_info(target_name, TensorProto.INT64, label_dims)
+        return value_info(target_name, TensorProto.INT64, label_dims)
     if kind in ("mse", "l1"):
         if dims is None:
             raise TrainingError(f"loss {kind} needs the rank of model output {y!r}; it is unknown")
-        diff = em.op("Sub", y, target_name, hint=f"{kind}/diff")
-        flat = em.op("Reshape", diff, em.ints([-1]), hint=f"{kind}/flatten")
+        diff = w.op("Sub", y, target_name, name=f"{kind}/diff")
+        flat = w.op("Reshape", diff, w.ints([-1]), name=f"{kind}/flatten")
         if kind == "mse":
-            total = em.op("MatMul", flat, flat, hint="mse/sum_of_squares")
+            total = w.op("MatMul", flat, flat, name="mse/sum_of_squares")
         else:
-            absd = em.op("Add", em.op("Relu", flat, hint="l1/pos"),
-                         em.op("Relu", em.op("Neg", flat, hint="l1/neg"), hint="l1/negpart"), hint="l1/abs")
-            ones = em.op("ConstantOfShape", em.op("Shape", flat, hint="l1/shape"),
-                         value=onnx.numpy_helper.from_array(
-                             np.ones(1, helper.tensor_dtype_to_np_dtype(elem))), hint="l1/ones")
-            total = em.op("MatMul", absd, ones, hint="l1/sum")
-        count = em.op("Cast", em.op("Size", diff, hint=f"{kind}/size"), to=elem, hint=f"{kind}/count")
-        em.op("Div", total, count, out=loss_name, hint=f"{kind}/mean")
-        return helper.make_tensor_value_info(target_name, elem, dims)
+            absd = w.op("Add", w.op("Relu", flat, name="l1/pos"),
+                         w.op("Relu", w.op("Neg", flat, name="l1/neg"), name="l1/negpart"), name="l1/abs")
+            ones = w.fill_like(flat, 1.0)
+            total = w.op("MatMul", absd, ones, name="l1/sum")
+        count = w.op("Cast", w.op("Size", diff, name=f"{kind}/size"), to=elem, name=f"{kind}/count")
+        w.op("Div", total, count, out=loss_name, name=f"{kind}/mean")
+        return value_info(target_name, elem, dims)
     if kind == "output":
         if dims is not None and not (len(dims) == 0 or (len(dims) == 1 and dims[0] == 1)):
             raise TrainingError(
                 f"loss 'output' needs the model output {y!r} to be a scalar loss, but its shape is {dims}")
-        em.op("Identity", y, out=loss_name, hint="loss")
+        w.op("Identity", y, out=loss_name, name="loss")
         return None
     raise TrainingError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
 

@@ -39,6 +39,7 @@ from typing import Optional
 import numpy as np
 from onnx import TensorProto
 
+from ..types import np_dtype
 from .errors import TrainingError
 
 
@@ -66,24 +67,24 @@ class SGD:
     def needs_step(self) -> bool:
         return self.momentum != 0 and self.dampening != 0
 
-    def emit(self, em, p: str, grad: str, state: dict, lr: str, step: Optional[str], dtype: int):
-        f = _np(dtype)
+    def emit(self, w, p: str, grad: str, state: dict, lr: str, step: Optional[str], dtype: int):
+        f = np_dtype(dtype)
         d = grad
         if self.weight_decay:
-            d = em.op("Add", d, em.op("Mul", p, em.const(self.weight_decay, f), hint="sgd/wd"), hint="sgd/l2")
+            d = w.op("Add", d, w.op("Mul", p, w.const(self.weight_decay, dtype=f), name="sgd/wd"), name="sgd/l2")
         new_state = {}
         if self.momentum:
             buf = state["momentum_buffer"]
-            mom = em.const(self.momentum, f)
-            scaled = d if self.dampening == 0 else em.op("Mul", d, em.const(1.0 - self.dampening, f))
-            later = em.op("Add", em.op("Mul", buf, mom, hint="sgd/momentum"), scaled, hint="sgd/buf")
+            mom = w.const(self.momentum, dtype=f)
+            scaled = d if self.dampening == 0 else w.op("Mul", d, w.const(1.0 - self.dampening, dtype=f))
+            later = w.op("Add", w.op("Mul", buf, mom, name="sgd/momentum"), scaled, name="sgd/buf")
             if self.dampening != 0:
-                first = em.op("Equal", step, em.const(1, np.int64), hint="sgd/first_step")
-                later = em.op("Where", first, d, later, hint="sgd/buf_first")
+                first = w.op("Equal", step, w.const(1, dtype=np.int64), name="sgd/first_step")
+                later = w.op("Where", first, d, later, name="sgd/buf_first")
             new_state["momentum_buffer"] = later
-            d = em.op("Add", d, em.op("Mul", later, mom), hint="sgd/nesterov") if self.nesterov else later
-        neg_lr = em.op("Neg", _cast(em, lr, dtype), hint="sgd/neg_lr")
-        new_p = em.op("Add", p, em.op("Mul", d, neg_lr, hint="sgd/delta"), hint="sgd/update")
+            d = w.op("Add", d, w.op("Mul", later, mom), name="sgd/nesterov") if self.nesterov else later
+        neg_lr = w.op("Neg", w.cast(lr, dtype), name="sgd/neg_lr")
+        new_p = w.op("Add", p, w.op("Mul", d, neg_lr, name="sgd/delta"), name="sgd/update")
         return new_p, new_state
 
     def config(self) -> dict:
@@ -114,42 +115,45 @@ class Adam:
 
     needs_step = True
 
-    def emit(self, em, p: str, grad: str, state: dict, lr: str, step: str, dtype: int):
-        f = _np(dtype)
+    def emit(self, w, p: str, grad: str, state: dict, lr: str, step: str, dtype: int):
+        f = np_dtype(dtype)
         b1, b2 = self.betas
-        key = ("adam_scalars", lr, step, dtype)
-        if key not in em._consts:  # bias corrections once per graph, in float64
-            lr64 = em.op("Cast", lr, to=TensorProto.DOUBLE, hint=f"{self.name}/lr64")
-            t = em.op("Cast", step, to=TensorProto.DOUBLE, hint=f"{self.name}/step64")
-            one = em.const(1.0, np.float64)
-            bc1 = em.op("Sub", one, em.op("Pow", em.const(b1, np.float64), t), hint=f"{self.name}/bias_correction1")
-            bc2 = em.op("Sub", one, em.op("Pow", em.const(b2, np.float64), t), hint=f"{self.name}/bias_correction2")
-            neg_step = em.op("Neg", em.op("Div", lr64, bc1), hint=f"{self.name}/neg_step_size")
-            bc2_sqrt = em.op("Sqrt", bc2, hint=f"{self.name}/bias_correction2_sqrt")
-            decay = None
-            if self.decoupled and self.weight_decay:
-                decay = em.op("Sub", one, em.op("Mul", lr64, em.const(self.weight_decay, np.float64)),
-                              hint=f"{self.name}/decay64")
-                decay = em.op("Cast", decay, to=dtype, hint=f"{self.name}/decay")
-            em._consts[key] = (em.op("Cast", neg_step, to=dtype, hint=f"{self.name}/neg_step"),
-                               em.op("Cast", bc2_sqrt, to=dtype, hint=f"{self.name}/bc2_sqrt"), decay)
-        neg_step, bc2_sqrt, decay = em._consts[key]
+        neg_step, bc2_sqrt, decay = w.memo(("adam_scalars", self.name, lr, step, dtype),
+                                            lambda: self._scalars(w, lr, step, dtype))
         if self.decoupled and self.weight_decay:
-            p = em.op("Mul", p, decay, hint=f"{self.name}/decoupled_decay")
+            p = w.op("Mul", p, decay, name=f"{self.name}/decoupled_decay")
         elif self.weight_decay:
-            grad = em.op("Add", grad, em.op("Mul", p, em.const(self.weight_decay, f)), hint=f"{self.name}/l2")
+            grad = w.op("Add", grad, w.op("Mul", p, w.const(self.weight_decay, dtype=f)), name=f"{self.name}/l2")
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        m_new = em.op("Add", m, em.op("Mul", em.op("Sub", grad, m), em.const(1.0 - b1, f)), hint=f"{self.name}/exp_avg")
-        v_new = em.op("Add", em.op("Mul", v, em.const(b2, f)),
-                      em.op("Mul", em.op("Mul", grad, grad), em.const(1.0 - b2, f)), hint=f"{self.name}/exp_avg_sq")
+        m_new = w.op("Add", m, w.op("Mul", w.op("Sub", grad, m), w.const(1.0 - b1, dtype=f)), name=f"{self.name}/exp_avg")
+        v_new = w.op("Add", w.op("Mul", v, w.const(b2, dtype=f)),
+                      w.op("Mul", w.op("Mul", grad, grad), w.const(1.0 - b2, dtype=f)), name=f"{self.name}/exp_avg_sq")
         new_state = {"exp_avg": m_new, "exp_avg_sq": v_new}
         second = v_new
         if self.amsgrad:
-            second = em.op("Max", state["max_exp_avg_sq"], v_new, hint=f"{self.name}/max_exp_avg_sq")
+            second = w.op("Max", state["max_exp_avg_sq"], v_new, name=f"{self.name}/max_exp_avg_sq")
             new_state["max_exp_avg_sq"] = second
-        denom = em.op("Add", em.op("Div", em.op("Sqrt", second), bc2_sqrt), em.const(self.eps, f), hint=f"{self.name}/denom")
-        new_p = em.op("Add", p, em.op("Mul", em.op("Div", m_new, denom), neg_step), hint=f"{self.name}/update")
+        denom = w.op("Add", w.op("Div", w.op("Sqrt", second), bc2_sqrt), w.const(self.eps, dtype=f), name=f"{self.name}/denom")
+        new_p = w.op("Add", p, w.op("Mul", w.op("Div", m_new, denom), neg_step), name=f"{self.name}/update")
         return new_p, new_state
+
+    def _scalars(self, w, lr: str, step: str, dtype: int) -> tuple:
+        """The bias corrections, once per graph, in float64 (as torch computes them in Python)."""
+        b1, b2 = self.betas
+        lr64 = w.op("Cast", lr, to=TensorProto.DOUBLE, name=f"{self.name}/lr64")
+        t = w.op("Cast", step, to=TensorProto.DOUBLE, name=f"{self.name}/step64")
+        one = w.const(1.0, dtype=np.float64)
+        bc1 = w.op("Sub", one, w.op("Pow", w.const(b1, dtype=np.float64), t), name=f"{self.name}/bias_correction1")
+        bc2 = w.op("Sub", one, w.op("Pow", w.const(b2, dtype=np.float64), t), name=f"{self.name}/bias_correction2")
+        neg_step = w.op("Neg", w.op("Div", lr64, bc1), name=f"{self.name}/neg_step_size")
+        bc2_sqrt = w.op("Sqrt", bc2, name=f"{self.name}/bias_correction2_sqrt")
+        decay = None
+        if self.decoupled and self.weight_decay:
+            decay = w.op("Sub", one, w.op("Mul", lr64, w.const(self.weight_decay, dtype=np.float64)),
+                          name=f"{self.name}/decay64")
+            decay = w.op("Cast", decay, to=dtype, name=f"{self.name}/decay")
+        return (w.op("Cast", neg_step, to=dtype, name=f"{self.name}/neg_step"),
+                w.op("Cast", bc2_sqrt, to=dtype, name=f"{self.name}/bc2_sqrt"), decay)
 
     def config(self) -> dict:
         d = asdict(self)
@@ -185,13 +189,3 @@ def optimizer_from_config(cfg: dict):
     return make_optimizer(cfg.pop("name"), **cfg)
 
 
-def _np(dtype: int):
-    from onnx import helper
-
-    return helper.tensor_dtype_to_np_dtype(dtype)
-
-
-def _cast(em, name: str, dtype: int) -> str:
-    if dtype == TensorProto.FLOAT:
-        return name
-    return em.op("Cast", name, to=dtype)

@@ -6,9 +6,18 @@
              every trainable parameter, its optimizer state, BatchNormalization running stats
     outputs: loss, [logits], the updated parameters, state and running stats
 
-The backward part is ``onnxbp.gradient`` of the forward+loss model, whose only
-output is the scalar loss; its upstream-gradient input ``<loss>_grad`` is
-replaced by a Constant 1.0, so the step model has no such input.
+The build is four stages on one private copy of the model, which is loaded
+and checked once on entry and once on exit:
+
+1. *forward + loss*: BatchNormalization and Dropout switched to training
+   mode, the loss nodes appended; the loss is the graph's only output.
+2. *backward*: :func:`onnxbp.backward` seeded with 1.0 at the loss; it
+   returns the tensor of each parameter's gradient (nothing is spliced in
+   and taken out again).
+3. *optimizer*: parameters become inputs; each gets its optimizer state and
+   update (:mod:`onnxbp.training.optimizers`).
+4. *running statistics*: BatchNormalization's updated running mean and
+   (optionally PyTorch's unbiased) variance become outputs.
 
 Training mode: BatchNormalization nodes are switched to ``training_mode=1``
 (batch statistics; opset >= 14, three outputs) and Dropout nodes get a
@@ -37,20 +46,22 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
-from ..builder import FLOAT_TYPES
-from ..engine import default_opset, gradient
+from .. import metadata
+from ..engine import backward
 from ..errors import OnnxbpError
-from ..modelio import ModelLike, load_model
-from .emit import Emitter
+from ..modelio import ModelLike, check_full, convert_opset, load_model
+from ..types import FLOAT_TYPES, TensorInfo, default_opset, np_dtype, value_info_dims
+from ..writer import GraphWriter, set_attr, value_info
 from .errors import TrainingError
 from .losses import LOSSES, add_loss
 from .optimizers import AdamW
 
 log = logging.getLogger(__name__)
 
-META_KEY = "onnxbp.training"
+META_KEY = metadata.TRAINING_KEY
+_DOC = "onnxbp.training: train"
 
 
 @dataclass
@@ -90,25 +101,7 @@ class StepModel:
     model: onnx.ModelProto
     spec: StepSpec
     initial: dict                    # carried input name -> initial numpy value
-
-
-def _vi_like(name: str, elem: int, dims) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, elem, None if dims is None else list(dims))
-
-
-def _ensure_opset(model: onnx.ModelProto, need: int) -> onnx.ModelProto:
-    cur = default_opset(model)
-    if cur >= need:
-        return model
-    log.info("converting the model from opset %d to %d for training", cur, need)
-    try:
-        out = onnx.version_converter.convert_version(model, need)
-        onnx.checker.check_model(out, full_check=True)
-    except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrainingError(f"training needs opset >= {need} and the model (opset {cur}) could not be "
-                            f"converted: {first}") from None
-    return out
+    forward: Optional[onnx.ModelProto] = None  # the forward model as loaded and checked
 
 
 def resolve_params(model: onnx.ModelProto, requires_grad: Optional[Iterable[str]],
@@ -147,33 +140,6 @@ def resolve_params(model: onnx.ModelProto, requires_grad: Optional[Iterable[str]
     return req, frozen, buffers
 
 
-def _to_training_mode(em: Emitter, graph: onnx.GraphProto, seed: Optional[int]) -> list:
-    """Switch BN and Dropout nodes to training mode; return [(bn_node, rm_out, rv_out)]."""
-    bns = []
-    true = None
-    for node in graph.node:
-        if node.op_type == "BatchNormalization":
-            for a in list(node.attribute):
-                if a.name == "training_mode":
-                    node.attribute.remove(a)
-            node.attribute.append(helper.make_attribute("training_mode", 1))
-            label = node.name or node.output[0]
-            del node.output[1:]
-            rm = em.fresh(f"{label}/running_mean_onnx")
-            rv = em.fresh(f"{label}/running_var_onnx")
-            node.output.extend([rm, rv])
-            bns.append((node, rm, rv))
-        elif node.op_type == "Dropout":
-            if true is None:
-                true = em.const(np.array(True), dtype=np.bool_, hint="training_mode")
-            while len(node.input) < 3:
-                node.input.append("")
-            node.input[2] = true
-            if seed is not None and not any(a.name == "seed" for a in node.attribute):
-                node.attribute.append(helper.make_attribute("seed", int(seed)))
-    return bns
-
-
 def build_step_model(model: ModelLike, *, loss: str = "cross_entropy", optimizer=None,
                      requires_grad: Optional[Sequence[str]] = None,
                      frozen_params: Optional[Sequence[str]] = None,
@@ -193,16 +159,66 @@ def build_step_model(model: ModelLike, *, loss: str = "cross_entropy", optimizer
         raise TrainingError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     if bn_stats not in ("torch", "onnx"):
         raise TrainingError(f"bn_stats={bn_stats!r}; choose torch or onnx")
-    fwd = load_model(model)
+    loaded = fwd = load_model(model)
     has_train_ops = any(n.op_type in ("BatchNormalization", "Dropout") for n in fwd.graph.node)
-    fwd = _ensure_opset(fwd, 14 if has_train_ops else 13)
+    need = 14 if has_train_ops else 13
+    if default_opset(fwd) < need:
+        log.info("converting the model from opset %d to %d for training", default_opset(fwd), need)
+        fwd = convert_opset(fwd, need, "training", TrainingError)
     req, frozen, buffers = resolve_params(fwd, requires_grad, frozen_params)
+    out_vi = _loss_output(fwd, output)
 
-    g = fwd.graph
-    inits = {t.name: t for t in g.initializer}
-    init_names = set(inits)
-    data_inputs = [i for i in g.input if i.name not in init_names]
-    outs = list(g.output)
+    m = onnx.ModelProto()
+    m.CopyFrom(fwd)
+    fl = _forward_and_loss(m, loss, out_vi, dropout_seed)
+    try:
+        bw = backward(m, req, seeds={fl.loss: 1.0}, frozen=set(frozen) | set(buffers),
+                      check=False, inplace=True, **grad_options)
+    except OnnxbpError as exc:
+        raise type(exc)(f"building the backward graph of the training step: {exc}") from None
+    m = bw.model
+    fwd_inits = {t.name: t for t in fwd.graph.initializer}
+    params = [p for p in (req or list(fwd_inits)) if p in bw.gradients]
+    frozen_all = [t.name for t in fwd.graph.initializer
+                  if t.data_type in FLOAT_TYPES and t.name not in bw.gradients and t.name not in buffers]
+    for p in frozen_all:
+        if p not in frozen:
+            log.info("parameter %s gets no gradient from the loss; it stays constant", p)
+
+    st = _Carried(m, fwd_inits)
+    w = GraphWriter.for_model(m, "train", _DOC, infos=bw.infos)
+    lr = w.fresh("lr")
+    step = w.fresh("step") if optimizer.needs_step else None
+    bw.infos[lr] = TensorInfo(TensorProto.FLOAT, ())
+    if step:
+        bw.infos[step] = TensorInfo(TensorProto.INT64, ())
+    st.inputs.append(value_info(lr, TensorProto.FLOAT, []))
+    if step:
+        st.inputs.append(value_info(step, TensorProto.INT64, []))
+    state_map = _optimizer_stage(w, st, optimizer, params, bw.gradients, lr, step)
+    _running_stats_stage(w, st, fl.batch_norms, bn_stats, bw.infos)
+
+    g = m.graph
+    g.node.extend(w.take_nodes())
+    listed = {i.name for i in g.input}
+    g.input.extend([vi for vi in st.inputs if vi.name not in listed])
+    logits = None
+    if return_logits:
+        logits = out_vi.name
+        g.output.append(out_vi)
+    g.output.extend(st.outputs)
+    spec = StepSpec(
+        data_inputs=fl.data_inputs, target=fl.target, lr=lr, step=step, loss=fl.loss, logits=logits,
+        output=out_vi.name, params=params, buffers=[b for b in buffers if b in st.updates], state=state_map,
+        updates=st.updates, frozen=frozen_all, loss_kind=loss, optimizer=optimizer.config())
+    metadata.put(m, META_KEY, spec.to_json())
+    check_full(m, TrainingError, "the training-step model fails the ONNX checker (a bug; please report)")
+    log.info("training step: %d params, %d carried tensors, %d nodes", len(params), len(st.updates), len(g.node))
+    return StepModel(m, spec, st.initial, loaded)
+
+
+def _loss_output(fwd: onnx.ModelProto, output: Optional[str]) -> onnx.ValueInfoProto:
+    outs = list(fwd.graph.output)
     if output is None:
         if len(outs) != 1:
             raise TrainingError(f"the model has {len(outs)} outputs ({', '.join(o.name for o in outs)}); "
@@ -215,198 +231,145 @@ def build_step_model(model: ModelLike, *, loss: str = "cross_entropy", optimizer
         out_vi = match[0]
     if out_vi.type.tensor_type.elem_type not in FLOAT_TYPES:
         raise TrainingError(f"model output {out_vi.name!r} is not floating-point; it cannot be trained through")
+    return out_vi
 
-    # ---- forward + loss model: loss is the only output -------------------------
-    lm = onnx.ModelProto()
-    lm.CopyFrom(fwd)
-    em = Emitter(lm, "train")
-    bns = _to_training_mode(em, lm.graph, dropout_seed)
-    for k, node in enumerate(em.nodes):  # the training_mode constant goes before its consumers
-        lm.graph.node.insert(k, node)
-    em.nodes = []
-    loss_name = em.fresh("loss")
-    target_name = em.fresh("labels" if loss == "cross_entropy" else "target")
-    target_vi = add_loss(em, loss, out_vi, target_name, loss_name)
-    lg = lm.graph
-    lg.node.extend(em.nodes)
-    em.nodes = []
-    del lg.output[:]
+
+@dataclass
+class _ForwardLoss:
+    loss: str
+    target: Optional[str]
+    data_inputs: list
+    batch_norms: list  # [(bn node, running mean output, running var output)]
+
+
+def _forward_and_loss(m: onnx.ModelProto, loss: str, out_vi: onnx.ValueInfoProto,
+                      dropout_seed: Optional[int]) -> _ForwardLoss:
+    """Stage 1: training mode, loss nodes, the loss as the only output (in place)."""
+    g = m.graph
+    inits = {t.name for t in g.initializer}
+    data_inputs = [i.name for i in g.input if i.name not in inits]
     out_elem = out_vi.type.tensor_type.elem_type
-    loss_dims = []
-    if loss == "output":  # the model's own loss: keep its shape ([] or [1])
-        tt = out_vi.type.tensor_type
-        loss_dims = None if not tt.HasField("shape") else [d.dim_value or d.dim_param for d in tt.shape.dim]
-    lg.output.append(helper.make_tensor_value_info(loss_name, out_elem, loss_dims))
+    out_dims = value_info_dims(out_vi)
+    w = GraphWriter.for_model(m, "train", _DOC, infos={out_vi.name: TensorInfo(out_elem, out_dims)})
+    bns = _to_training_mode(w, g, dropout_seed)
+    for k, node in enumerate(w.take_nodes()):  # the training_mode constant goes before its consumers
+        g.node.insert(k, node)
+    loss_name = w.fresh("loss")
+    target_name = w.fresh("labels" if loss == "cross_entropy" else "target")
+    target_vi = add_loss(w, loss, out_vi, target_name, loss_name)
+    g.node.extend(w.take_nodes())
+    del g.output[:]
+    loss_dims = out_dims if loss == "output" else []  # the model's own loss keeps its shape ([] or [1])
+    g.output.append(value_info(loss_name, out_elem, loss_dims))
     if target_vi is not None:
-        lg.input.append(target_vi)
-    # Non-trainable float initializers become inputs, so gradient(wrt=None) skips them.
-    not_trained = set(frozen) | set(buffers)
-    if req is not None:
-        not_trained |= {t.name for t in lg.initializer if t.data_type in FLOAT_TYPES and t.name not in req}
-    keep = [t for t in lg.initializer if t.name not in not_trained]
-    moved = [t for t in lg.initializer if t.name in not_trained]
-    del lg.initializer[:]
-    lg.initializer.extend(keep)
-    listed = {i.name for i in lg.input}  # (IR < 4 models also list initializers as inputs)
-    for t in moved:
-        if t.name not in listed:
-            lg.input.append(_vi_like(t.name, t.data_type, t.dims))
+        g.input.append(target_vi)
+    return _ForwardLoss(loss_name, target_name if target_vi is not None else None, data_inputs, bns)
 
-    rank_cache: dict = {}
-    _rank_of(lm, "", rank_cache)
-    try:
-        gm = gradient(lm, req, **grad_options)
-    except OnnxbpError as exc:
-        raise type(exc)(f"building the backward graph of the training step: {exc}") from None
-    pairs = [kv.split("=", 1) for m in gm.metadata_props if m.key == "onnxbp.gradients"
-             for kv in m.value.split(",") if kv]
-    grads = {p: gname for p, gname in pairs}
-    params = [p for p in (req or [t.name for t in fwd.graph.initializer]) if p in grads]
-    auto_frozen = [t.name for t in fwd.graph.initializer
-                   if t.data_type in FLOAT_TYPES and t.name not in grads and t.name not in buffers]
-    for p in auto_frozen:
-        if p not in frozen:
-            log.info("parameter %s gets no gradient from the loss; it stays constant", p)
-    frozen_all = [p for p in auto_frozen]
 
-    # ---- post-process into the step model ---------------------------------------
-    sg = gm.graph
-    em = Emitter(gm, "train")
-    upstream = loss_name + "_grad"
-    ups = [i for i in sg.input if i.name == upstream]
-    if len(ups) != 1:  # pragma: no cover - the engine contract
-        raise TrainingError(f"the gradient model has no upstream-gradient input {upstream!r}")
-    sg.input.remove(ups[0])
-    one = helper.make_node("Constant", [], [upstream], name=em.fresh("train/loss_grad_one"),
-                           value=numpy_helper.from_array(np.ones([1] if loss_dims == [1] else [],
-                                                                 helper.tensor_dtype_to_np_dtype(out_elem))),
-                           doc_string="onnxbp.training: d loss / d loss = 1")
-    sg.node.insert(0, one)
-    # gradients are outputs of the gradient model; the step model consumes them instead
-    grad_names = set(grads.values())
-    for o in [o for o in sg.output if o.name in grad_names]:
-        sg.output.remove(o)
+def _to_training_mode(w: GraphWriter, graph: onnx.GraphProto, seed: Optional[int]) -> list:
+    """Switch BN and Dropout nodes to training mode; return [(bn_node, rm_out, rv_out)]."""
+    bns = []
+    true = None
+    for node in graph.node:
+        if node.op_type == "BatchNormalization":
+            set_attr(node, "training_mode", 1)
+            label = node.name or node.output[0]
+            del node.output[1:]
+            rm = w.fresh(f"{label}/running_mean_onnx")
+            rv = w.fresh(f"{label}/running_var_onnx")
+            node.output.extend([rm, rv])
+            bns.append((node, rm, rv))
+        elif node.op_type == "Dropout":
+            if true is None:
+                true = w.const(np.array(True), dtype=np.bool_)
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = true
+            if seed is not None and not any(a.name == "seed" for a in node.attribute):
+                set_attr(node, "seed", int(seed))
+    return bns
 
-    lr = em.fresh("lr")
-    step = em.fresh("step") if optimizer.needs_step else None
-    new_inputs = [helper.make_tensor_value_info(lr, TensorProto.FLOAT, [])]
-    if step:
-        new_inputs.append(helper.make_tensor_value_info(step, TensorProto.INT64, []))
 
-    gm_inits = {t.name: t for t in sg.initializer}
-    updates, state_map, initial = {}, {}, {}
-    new_outputs = []
-    fwd_inits = {t.name: t for t in fwd.graph.initializer}
+class _Carried:
+    """The tensors a step carries to the next: inputs, the outputs of their next values, initial values."""
+
+    def __init__(self, m: onnx.ModelProto, fwd_inits: dict):
+        self.graph = m.graph
+        self.fwd_inits = fwd_inits
+        self.inputs: list = []
+        self.outputs: list = []
+        self.updates: dict = {}
+        self.initial: dict = {}
+
+    def to_input(self, name: str, initial: Optional[np.ndarray] = None, like: Optional[str] = None) -> None:
+        """Make ``name`` a step input (removing its initializer), typed like forward initializer ``like``."""
+        t = self.fwd_inits[like or name]
+        for init in self.graph.initializer:
+            if init.name == name:
+                self.graph.initializer.remove(init)
+                break
+        self.inputs.append(value_info(name, t.data_type, t.dims))
+        self.initial[name] = numpy_helper.to_array(t) if initial is None else initial
+
+    def carry(self, w: GraphWriter, name: str, new_value: str, like: Optional[str] = None) -> None:
+        t = self.fwd_inits[like or name]
+        out = w.fresh(f"{name}.new")
+        w.op("Identity", new_value, out=out, name=f"{name}/out")
+        self.updates[name] = out
+        self.outputs.append(value_info(out, t.data_type, t.dims))
+
+
+def _optimizer_stage(w: GraphWriter, st: _Carried, optimizer, params: list, grads: dict, lr: str,
+                     step: Optional[str]) -> dict:
+    """Stage 3: parameters and optimizer state as inputs, their updates as outputs."""
+    state_map = {}
     for p in params:
-        t = fwd_inits[p]
-        arr = numpy_helper.to_array(t)
-        if p in gm_inits:
-            sg.initializer.remove(gm_inits[p])
-        new_inputs.append(_vi_like(p, t.data_type, t.dims))
-        initial[p] = arr
+        t = st.fwd_inits[p]
+        st.to_input(p)
         state_in = {}
         for kind in optimizer.state_names():
-            sname = em.fresh(f"{p}.{kind}")
+            sname = w.fresh(f"{p}.{kind}")
             state_in[kind] = sname
-            new_inputs.append(_vi_like(sname, t.data_type, t.dims))
-            initial[sname] = np.zeros_like(arr)
+            st.to_input(sname, np.zeros_like(st.initial[p]), like=p)
         state_map[p] = state_in
-        new_p, new_state = optimizer.emit(em, p, grads[p], state_in, lr, step, t.data_type)
-        p_out = em.fresh(f"{p}.new")
-        em.op("Identity", new_p, out=p_out, hint=f"{p}/out")
-        updates[p] = p_out
-        new_outputs.append(_vi_like(p_out, t.data_type, t.dims))
+        new_p, new_state = optimizer.emit(w, p, grads[p], state_in, lr, step, t.data_type)
+        st.carry(w, p, new_p)
         for kind, sname in state_in.items():
-            s_out = em.fresh(f"{sname}.new")
-            em.op("Identity", new_state[kind], out=s_out, hint=f"{sname}/out")
-            updates[sname] = s_out
-            new_outputs.append(_vi_like(s_out, t.data_type, t.dims))
+            st.carry(w, sname, new_state[kind], like=p)
+    return state_map
 
-    opset = default_opset(gm)
+
+def _running_stats_stage(w: GraphWriter, st: _Carried, bns: list, bn_stats: str, infos: dict) -> None:
+    """Stage 4: BatchNormalization running statistics as carried tensors.
+
+    ``bn_stats="torch"`` turns ONNX's biased running variance into PyTorch's
+    unbiased one; it reads only X and BN's outputs, never the running-stat
+    inputs after BN: onnxruntime (1.32, CPU) writes a training-mode BN's
+    running_mean/var into its input buffers in place when those outputs are
+    not graph outputs, so a later reader would see the new values.
+    """
     for node, rm_onnx, rv_onnx in bns:
         x, mean_in, var_in = node.input[0], node.input[3], node.input[4]
-        t = fwd_inits[var_in]
-        f = helper.tensor_dtype_to_np_dtype(t.data_type)
-        rm_new, rv_new = rm_onnx, rv_onnx
+        t = st.fwd_inits[var_in]
+        rv_new = rv_onnx
         if bn_stats == "torch":
-            # Reads only X and BN's outputs, never the running-stat inputs after BN: onnxruntime
-            # (1.32, CPU) writes a training-mode BN's running_mean/var into its input buffers in place
-            # when those outputs are not graph outputs, so a later reader would see the new values.
+            bw = w.scoped("train/bn")
+            f = np_dtype(t.data_type)
             mom = next((a.f for a in node.attribute if a.name == "momentum"), 0.9)
-            rank = _rank_of(gm, x, rank_cache)
-            if rank is None:
+            shape = infos.get(x, TensorInfo()).shape
+            if shape is None:
                 raise TrainingError(f"BatchNormalization node {node.name!r}: the rank of its input {x!r} is unknown")
-            axes = [0] + list(range(2, rank))
-            mean = _reduce_mean(em, opset, x, axes, True)
-            d = em.op("Sub", x, mean, hint="bn/centered")
-            var_b = _reduce_mean(em, opset, em.op("Mul", d, d, hint="bn/sq"), axes, False)
-            c = em.op("Cast", em.op("Shape", rv_onnx, hint="bn/channels"), to=t.data_type)
-            n = em.op("Div", em.op("Cast", em.op("Size", x, hint="bn/size"), to=t.data_type), c, hint="bn/count")
-            nm1 = em.op("Sub", n, em.const(1.0, f), hint="bn/count_minus_1")
-            corr = em.op("Div", em.op("Mul", var_b, em.const(1.0 - mom, f)), nm1, hint="bn/bessel")
-            rv_new = em.op("Add", rv_onnx, corr, hint="bn/unbiased_running_var")
-        for src, name in ((rm_new, mean_in), (rv_new, var_in)):
-            if name in updates:
+            axes = [0] + list(range(2, len(shape)))
+            mean = bw.reduce_mean(x, axes, True)
+            d = bw.op("Sub", x, mean, name="centered")
+            var_b = bw.reduce_mean(bw.op("Mul", d, d, name="sq"), axes, False)
+            c = bw.op("Cast", bw.op("Shape", rv_onnx, name="channels"), to=t.data_type)
+            n = bw.op("Div", bw.op("Cast", bw.op("Size", x, name="size"), to=t.data_type), c, name="count")
+            nm1 = bw.op("Sub", n, bw.const(1.0, dtype=f), name="count_minus_1")
+            corr = bw.op("Div", bw.op("Mul", var_b, bw.const(1.0 - mom, dtype=f)), nm1, name="bessel")
+            rv_new = bw.op("Add", rv_onnx, corr, name="unbiased_running_var")
+        for src, name in ((rm_onnx, mean_in), (rv_new, var_in)):
+            if name in st.updates:
                 continue
-            if name in gm_inits:
-                sg.initializer.remove(gm_inits[name])
-            if not any(i.name == name for i in sg.input):
-                new_inputs.append(_vi_like(name, fwd_inits[name].data_type, fwd_inits[name].dims))
-            out = em.fresh(f"{name}.new")
-            em.op("Identity", src, out=out, hint=f"{name}/out")
-            updates[name] = out
-            initial[name] = numpy_helper.to_array(fwd_inits[name])
-            new_outputs.append(_vi_like(out, fwd_inits[name].data_type, fwd_inits[name].dims))
-
-    # frozen float initializers that the loss model carried as inputs go back to constants
-    for name in frozen_all:
-        vis = [i for i in sg.input if i.name == name]
-        for vi in vis:
-            sg.input.remove(vi)
-        if name not in {t.name for t in sg.initializer}:
-            sg.initializer.append(fwd_inits[name])
-    sg.node.extend(em.nodes)
-    existing = {i.name for i in sg.input}
-    sg.input.extend([vi for vi in new_inputs if vi.name not in existing])
-    logits = None
-    if return_logits:
-        logits = out_vi.name
-        sg.output.append(out_vi)
-    sg.output.extend(new_outputs)
-
-    spec = StepSpec(
-        data_inputs=[i.name for i in data_inputs], target=target_name if target_vi is not None else None,
-        lr=lr, step=step, loss=loss_name, logits=logits, output=out_vi.name, params=params,
-        buffers=[b for b in buffers if b in updates], state=state_map, updates=updates,
-        frozen=frozen_all, loss_kind=loss, optimizer=optimizer.config())
-    del gm.metadata_props[:]
-    meta = gm.metadata_props.add()
-    meta.key = META_KEY
-    meta.value = spec.to_json()
-    try:
-        onnx.checker.check_model(gm, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise TrainingError(f"the training-step model fails the ONNX checker: {first} (a bug; please report)") from None
-    log.info("training step: %d params, %d carried tensors, %d nodes", len(params), len(updates), len(sg.node))
-    return StepModel(gm, spec, initial)
-
-
-def _rank_of(model: onnx.ModelProto, name: str, cache: dict):
-    if not cache:
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        except Exception:  # noqa: BLE001
-            inferred = model
-        g = inferred.graph
-        for vi in list(g.input) + list(g.value_info) + list(g.output):
-            if vi.type.tensor_type.HasField("shape"):
-                cache[vi.name] = len(vi.type.tensor_type.shape.dim)
-        cache.setdefault("", None)
-    return cache.get(name)
-
-
-def _reduce_mean(em: Emitter, opset: int, x: str, axes, keepdims: bool) -> str:
-    if opset >= 18:
-        return em.op("ReduceMean", x, em.ints(axes), keepdims=int(keepdims), hint="bn/mean")
-    return em.op("ReduceMean", x, axes=list(axes), keepdims=int(keepdims), hint="bn/mean")
+            st.to_input(name)
+            st.carry(w, name, src)

@@ -15,47 +15,18 @@ from typing import Optional, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from ..modelio import ModelLike, load_model, save_model_atomic
+from ..modelio import ModelLike, convert_opset, cpu_session, load_model, save_model_atomic
+from .data import validate_arrays
 from .errors import DataError, TrainingError
-from .losses import check_targets
+from ..types import TensorInfo, default_opset, np_dtype, value_info_dims
+from ..writer import GraphWriter, value_info
+from .losses import add_loss
 from .optimizers import AdamW
 from .step import StepModel, build_step_model
 
 log = logging.getLogger(__name__)
-
-
-def session_options(threads: Optional[int] = None, mem_pattern: bool = True) -> ort.SessionOptions:
-    """CPU session options; ``mem_pattern=False`` for training-step sessions.
-
-    onnxruntime's memory pattern plans one block for all intermediate tensors
-    of a run.  For a training step (forward activations kept for the backward,
-    then the backward's temporaries) that block is about twice the live
-    working set: a CIFAR ResNet-18 step at batch 32 needs 544 MiB above the
-    built session with it and 275 MiB without, at the same speed (interleaved
-    medians 1584 vs 1575 ms) and with bit-identical results
-    (benchmarks/bench_train_memory.py).
-    """
-    so = ort.SessionOptions()
-    so.enable_mem_pattern = mem_pattern
-    if threads:
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return so
-
-
-def _dims(vi):
-    tt = vi.type.tensor_type
-    if not tt.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-
-
-def _np_dtype(vi):
-    return helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
 
 
 class Trainer:
@@ -71,30 +42,32 @@ class Trainer:
                  requires_grad: Optional[Sequence[str]] = None, frozen_params: Optional[Sequence[str]] = None,
                  output: Optional[str] = None, threads: Optional[int] = None, seed: Optional[int] = None,
                  bn_stats: str = "torch", **grad_options):
-        self.forward = load_model(model)
         self.source = model if isinstance(model, (str, os.PathLike)) else None
         self.optimizer = optimizer if optimizer is not None else AdamW()
         self.step_model: StepModel = build_step_model(
-            self.forward, loss=loss, optimizer=self.optimizer, requires_grad=requires_grad,
+            model, loss=loss, optimizer=self.optimizer, requires_grad=requires_grad,
             frozen_params=frozen_params, output=output, bn_stats=bn_stats, dropout_seed=seed, **grad_options)
         self.spec = self.step_model.spec
+        self.forward = self.step_model.forward
         if len(self.spec.data_inputs) != 1:
             raise TrainingError(f"Trainer feeds exactly one data input; the model has "
                                 f"{len(self.spec.data_inputs)} ({', '.join(self.spec.data_inputs)})")
         self.input_name = self.spec.data_inputs[0]
-        self.session = ort.InferenceSession(self.step_model.model.SerializeToString(),
-                                            session_options(threads, mem_pattern=False),
-                                            providers=["CPUExecutionProvider"])
+        self._threads = threads
+        # Without onnxruntime's memory pattern: for a training step (forward activations kept for the
+        # backward, then the backward's temporaries) its one planned block is about twice the live working
+        # set (CIFAR ResNet-18, batch 32: 544 vs 275 MiB above the built session), at the same speed and
+        # with bit-identical results (benchmarks/bench_train_memory.py).
+        self.session = cpu_session(self.step_model.model, threads, mem_pattern=False)
         self.eval_model = self._make_eval_model()
-        self.eval_session = ort.InferenceSession(self.eval_model.SerializeToString(), session_options(threads),
-                                                 providers=["CPUExecutionProvider"])
+        self.eval_session = cpu_session(self.eval_model, threads)
         step_inputs = {i.name: i for i in self.step_model.model.graph.input}
         x_vi = step_inputs[self.input_name]
-        self.input_dims = _dims(x_vi)
-        self.input_dtype = _np_dtype(x_vi)
+        self.input_dims = value_info_dims(x_vi)
+        self.input_dtype = np_dtype(x_vi.type.tensor_type.elem_type)
         out_vi = next(o for o in self.forward.graph.output if o.name == self.spec.output)
-        self.output_dims = _dims(out_vi)
-        self.target_dtype = _np_dtype(step_inputs[self.spec.target]) if self.spec.target else None
+        self.output_dims = value_info_dims(out_vi)
+        self.target_dtype = np_dtype(step_inputs[self.spec.target].type.tensor_type.elem_type) if self.spec.target else None
         self.step_count = 0
         self._carried = list(self.spec.updates)
         self._a = {}
@@ -109,8 +82,11 @@ class Trainer:
         self._eval_binding = self.eval_session.io_binding()
 
     # ------------------------------------------------------------------ models
-    def _make_eval_model(self) -> onnx.ModelProto:
-        """The forward model with carried tensors as inputs (inference-mode BN and Dropout)."""
+    def _make_eval_model(self, with_loss: bool = False) -> onnx.ModelProto:
+        """The forward model with carried tensors as inputs (inference-mode BN and Dropout).
+
+        ``with_loss``: the step's loss appended, the loss the only output.
+        """
         m = onnx.ModelProto()
         m.CopyFrom(self.forward)
         carried = set(self.spec.updates)
@@ -123,35 +99,37 @@ class Trainer:
         for t in moved:
             if t.name in existing:
                 continue
-            m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            m.graph.input.append(value_info(t.name, t.data_type, t.dims))
         del m.graph.output[:]
-        m.graph.output.extend([o for o in self.forward.graph.output if o.name == self.spec.output])
+        out_vi = next(o for o in self.forward.graph.output if o.name == self.spec.output)
+        if not with_loss:
+            m.graph.output.append(out_vi)
+            return m
+        if default_opset(m) < 13:  # the loss ops (SoftmaxCrossEntropyLoss) need opset 13, as in the step
+            m = convert_opset(m, 13, "the evaluation loss", TrainingError)
+        w = GraphWriter.for_model(m, "eval", "onnxbp.training: evaluation loss",
+                                  infos={out_vi.name: TensorInfo(out_vi.type.tensor_type.elem_type,
+                                                                 value_info_dims(out_vi))})
+        self._eval_loss_name = w.fresh("loss")
+        target = self.spec.target or w.fresh("target")
+        target_vi = add_loss(w, self.spec.loss_kind, out_vi, target, self._eval_loss_name)
+        m.graph.node.extend(w.take_nodes())
+        if target_vi is not None:
+            m.graph.input.append(target_vi)
+        m.graph.output.append(value_info(self._eval_loss_name, out_vi.type.tensor_type.elem_type, None))
         return m
 
     # ------------------------------------------------------------------- steps
     def check_batch(self, x: np.ndarray, y: Optional[np.ndarray] = None, what: str = "batch") -> tuple:
         """Validate and convert a batch; raise :class:`DataError` with one line."""
-        x = np.asarray(x)
-        dims = self.input_dims
-        if dims is not None:
-            if x.ndim != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, x.shape)):
-                raise DataError(f"{what}: inputs have shape {tuple(x.shape)}, but model input "
-                                f"{self.input_name!r} expects {tuple(d if isinstance(d, int) else '?' for d in dims)}")
-        if np.issubdtype(x.dtype, np.floating) or np.issubdtype(self.input_dtype, np.floating):
-            if not np.all(np.isfinite(x)):
-                raise DataError(f"{what}: inputs contain NaN or infinite values")
+        batch = self.input_dims[0] if self.input_dims else None
+        if isinstance(batch, int) and np.ndim(x) and len(x) != batch:
+            raise DataError(f"{what} inputs hold {len(x)} samples, but model input {self.input_name!r} has a "
+                            f"static batch of {batch}")
+        x, y = validate_arrays(x, y, self.input_dims, self.input_name, self.spec.loss_kind, self.output_dims,
+                               x_name=f"{what} inputs", y_name=f"{what} targets")
         x = np.ascontiguousarray(x, dtype=self.input_dtype)
         if y is not None:
-            y = np.asarray(y)
-            if y.shape[:1] != x.shape[:1]:
-                raise DataError(f"{what}: {x.shape[0]} inputs but {y.shape[0] if y.ndim else 0} targets")
-            n_classes = self.output_dims[1] if self.spec.loss_kind == "cross_entropy" else None
-            check_targets(self.spec.loss_kind, y, n_classes, what=what)
-            if self.spec.loss_kind != "cross_entropy" and self.output_dims is not None:
-                od = self.output_dims
-                if y.ndim != len(od) or any(isinstance(d, int) and d != s for d, s in zip(od, y.shape)):
-                    raise DataError(f"{what}: targets have shape {tuple(y.shape)}, but the model output "
-                                    f"{self.spec.output!r} is {tuple(d if isinstance(d, int) else '?' for d in od)}")
             y = np.ascontiguousarray(y, dtype=self.target_dtype)
         return x, y
 
@@ -208,19 +186,21 @@ class Trainer:
         logits = self.evaluate(x)
         return float(np.mean(np.argmax(logits, axis=1) == np.asarray(y)))
 
-    def eval_loss(self, x: np.ndarray, y: np.ndarray) -> float:
-        """Mean loss in inference mode (numpy, float64)."""
-        out = self.evaluate(x).astype(np.float64)
-        kind = self.spec.loss_kind
-        if kind == "cross_entropy":
-            z = out - out.max(axis=1, keepdims=True)
-            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-            return float(-np.mean(np.take_along_axis(logp, np.asarray(y)[:, None], axis=1)))
-        if kind == "mse":
-            return float(np.mean((out - y) ** 2))
-        if kind == "l1":
-            return float(np.mean(np.abs(out - y)))
-        return float(np.mean(out))
+    def eval_loss(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> float:
+        """Mean loss in inference mode, computed by the same loss graph the step trains with."""
+        if not hasattr(self, "_loss_session"):
+            self._loss_session = cpu_session(self._make_eval_model(with_loss=True), self._threads)
+        x = np.ascontiguousarray(x, dtype=self.input_dtype)
+        carried = {n: self._a[n] for n in self._eval_inputs()}
+        total, count = 0.0, 0
+        for i in range(0, len(x), batch_size):
+            feeds = {self.input_name: x[i:i + batch_size], **carried}
+            if self.spec.target:
+                feeds[self.spec.target] = np.ascontiguousarray(y[i:i + batch_size], dtype=self.target_dtype)
+            n = len(feeds[self.input_name])
+            total += float(np.asarray(self._loss_session.run([self._eval_loss_name], feeds)[0]).reshape(-1)[0]) * n
+            count += n
+        return total / count if count else float("nan")
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -263,7 +243,7 @@ def export_model(forward: ModelLike, weights: dict) -> onnx.ModelProto:
         if name not in inits:
             raise TrainingError(f"cannot export: {name!r} is not an initializer of the forward model")
         old = inits[name]
-        arr = np.asarray(arr, dtype=helper.tensor_dtype_to_np_dtype(old.data_type))
+        arr = np.asarray(arr, dtype=np_dtype(old.data_type))
         if tuple(arr.shape) != tuple(old.dims):
             raise TrainingError(f"cannot export: {name!r} has shape {arr.shape}, the model has {tuple(old.dims)}")
         old.CopyFrom(numpy_helper.from_array(arr, name))

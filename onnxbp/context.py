@@ -1,4 +1,4 @@
-"""The small vocabulary a gradient rule speaks.
+"""The vocabulary a gradient rule speaks: :class:`GradContext`, a graph writer for one node.
 
 A rule receives a :class:`GradContext` ``g`` for one forward node and returns
 the gradients of its inputs (a list aligned with ``node.input``, ``None`` where
@@ -14,81 +14,67 @@ no gradient is produced; or a dict ``{input_index: name}``)::
 Reading: ``g.inputs``, ``g.outputs``, ``g.input(i)``, ``g.output(i)``,
 ``g.grad_output(i)``, ``g.needs_grad(i)``, ``g.attr(name, default)``,
 ``g.shape(t)``, ``g.static_shape(t)``, ``g.rank(t)``, ``g.dtype(t)``,
-``g.opset``, ``g.option(name)``.
+``g.opset``, ``g.option(name)``, ``g.constant_value(t)``.
 
-Emitting: ``g.op(op_type, *inputs, **attrs)`` returns the new output name(s);
-``g.const(value, like=t)``, ``g.ints([...])``; opset-aware helpers
-``g.reduce_sum``, ``g.squeeze``, ``g.unsqueeze``, ``g.slice``, ``g.pad``;
-``g.unbroadcast(grad, target)``; ``g.forward_output(i)`` to obtain (adding
+Emitting is the :class:`~onnxbp.writer.GraphWriter` vocabulary (a
+``GradContext`` is a writer scoped to its node): ``g.op(op_type, *inputs,
+**attrs)`` returns the new output name(s); ``g.const(value, like=t)``,
+``g.ints([...])``, ``g.zeros_like(t)``, ``g.cast``; opset-aware helpers
+``g.reduce_sum``, ``g.reduce_mean``, ``g.squeeze``, ``g.unsqueeze``,
+``g.slice``, ``g.pad``; ``g.select``, ``g.add_n``; plus
+``g.unbroadcast(grad, target)`` and ``g.forward_output(i)`` to obtain (adding
 if the model omitted it) an optional output of the forward node.
 
-Rules never touch protobuf: every node goes through ``g.op``, which names it
+Rules never touch protobuf: every node goes through the writer, which names it
 from the one :class:`~onnxbp.naming.NameAuthority` and tags it with a
 doc_string naming the rule.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import Any, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import InternalError, ShapeError, UnsupportedAttributeError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import _Builder
-    from .registry import RuleEntry
-
-Dim = Union[int, str, None]
-
-FLOAT_TYPES = {
-    onnx.TensorProto.FLOAT,
-    onnx.TensorProto.DOUBLE,
-    onnx.TensorProto.FLOAT16,
-    onnx.TensorProto.BFLOAT16,
-}
+from .errors import ShapeError, UnsupportedAttributeError
+from .graphview import GraphView
+from .registry import RuleEntry
+from .writer import GraphWriter
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """What shape inference knows of a tensor: element type and dims."""
+class Build(Protocol):
+    """What a GradContext needs of the build it belongs to (the engine's ``_Build``)."""
 
-    elem_type: int = 0
-    shape: Optional[tuple] = None  # None: rank unknown; dims int | str (symbolic) | None
+    view: GraphView
+    writer: GraphWriter
 
-    @property
-    def is_float(self) -> bool:
-        return self.elem_type in FLOAT_TYPES
+    def option(self, name: str) -> Any: ...
 
-
-def _np_dtype(elem_type: int):
-    return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    def ensure_forward_output(self, node: onnx.NodeProto, i: int) -> str: ...
 
 
-class GradContext:
-    """Everything one rule needs for one forward node."""
+class GradContext(GraphWriter):
+    """Everything one rule needs for one forward node: its view of the graph and a writer."""
 
-    def __init__(self, builder: "_Builder", node: onnx.NodeProto, entry: "RuleEntry",
+    def __init__(self, build: Build, node: onnx.NodeProto, entry: RuleEntry,
                  grad_outputs: Sequence[Optional[str]], needs: Sequence[bool]):
-        self._b = builder
+        label = build.view.label(node)
+        super().__init__(build.writer.names, build.writer.opset, prefix=f"{label}/grad",
+                         doc=f"onnxbp: backward of node '{label}' ({node.op_type}) by rule {entry.source}",
+                         _state=build.writer._w)
+        self._build = build
         self.node = node
         self.entry = entry
+        self.label = label
         self._grad_outputs = list(grad_outputs)
         self._needs = list(needs)
-        self.prefix = builder.node_label(node)
 
     # ------------------------------------------------------------------ reading
     @property
     def op_type(self) -> str:
         return self.node.op_type
-
-    @property
-    def opset(self) -> int:
-        """The model's default-domain opset."""
-        return self._b.opset
 
     @property
     def inputs(self) -> list:
@@ -130,23 +116,17 @@ class GradContext:
         return any(a.name == name for a in self.node.attribute)
 
     def option(self, name: str) -> Any:
-        return self._b.option(name)
-
-    def info(self, name: str) -> TensorInfo:
-        return self._b.info(name)
-
-    def dtype(self, name: str) -> int:
-        return self._b.info(name).elem_type
+        return self._build.option(name)
 
     def shape(self, name: str) -> Optional[tuple]:
         """Dims as inferred (ints, symbolic names, or None); None if rank unknown."""
-        return self._b.info(name).shape
+        return self.info(name).shape
 
     def rank(self, name: str) -> int:
         shape = self.shape(name)
         if shape is None:
             raise ShapeError(
-                f"node {self.prefix!r} ({self.op_type}): the rank of tensor {name!r} is unknown after "
+                f"node {self.label!r} ({self.op_type}): the rank of tensor {name!r} is unknown after "
                 f"shape inference; give the model's inputs a shape (onnx.tools.update_model_dims) "
                 f"or run onnx.shape_inference first"
             )
@@ -164,7 +144,7 @@ class GradContext:
             if not isinstance(shape[a], int):
                 what = "symbolic" if isinstance(shape[a], str) else "unknown"
                 raise ShapeError(
-                    f"node {self.prefix!r} ({self.op_type}): dim {a} of tensor {name!r} is {what} "
+                    f"node {self.label!r} ({self.op_type}): dim {a} of tensor {name!r} is {what} "
                     f"({shape[a]!r}) after shape inference, but this gradient needs it static; "
                     f"fix it in the model (onnx.tools.update_model_dims)"
                 )
@@ -177,111 +157,20 @@ class GradContext:
         overridden at run time) and outputs of forward ``Constant`` nodes with
         a ``value`` tensor.  Rules use it for axes/shape inputs.
         """
-        return self._b.constant_value(name)
+        return self._build.view.constant_value(name)
 
     def fail(self, what: str) -> None:
         """Raise a one-line :class:`UnsupportedAttributeError` about this node."""
         raise UnsupportedAttributeError(
-            f"node {self.prefix!r} ({self.op_type}, opset {self.opset}): {what}"
+            f"node {self.label!r} ({self.op_type}, opset {self.opset}): {what}"
         )
 
     # ----------------------------------------------------------------- emitting
-    def op(self, op_type: str, *inputs: Optional[str], outputs: int = 1, domain: str = "",
-           name: Optional[str] = None, **attrs: Any) -> Union[str, tuple]:
-        """Emit one backward node; return its output name (or a tuple if ``outputs > 1``)."""
-        attrs = {k: v for k, v in attrs.items() if v is not None}
-        outs = self._b.emit(self, op_type, [i or "" for i in inputs], outputs, domain, name, attrs)
-        return outs[0] if outputs == 1 else tuple(outs)
-
-    def const(self, value: Any, *, like: Optional[str] = None, dtype: Any = None) -> str:
-        """A constant tensor; dtype from tensor ``like``, an explicit numpy ``dtype``, or value's."""
-        if like is not None:
-            if not self.dtype(like):
-                raise InternalError(f"node {self.prefix!r} ({self.op_type}): g.const(like={like!r}) but the "
-                                    f"element type of {like!r} is unknown; pass like= a forward tensor")
-            arr = np.asarray(value, dtype=_np_dtype(self.dtype(like)))
-        elif dtype is not None:
-            arr = np.asarray(value, dtype=dtype)
-        else:
-            arr = np.asarray(value)
-        return self._b.constant(arr)
-
-    def ints(self, values: Sequence[int]) -> str:
-        """A 1-D int64 constant (axes, shapes, pads, starts, ...)."""
-        return self._b.constant(np.asarray(list(values), dtype=np.int64).reshape(-1))
-
     def forward_output(self, i: int) -> str:
         """Name of forward output ``i``, adding it to the forward node if omitted."""
-        return self._b.ensure_forward_output(self.node, i)
+        return self._build.ensure_forward_output(self.node, i)
 
-    # -------------------------------------------------- opset-aware helpers
-    def reduce_sum(self, x: str, axes: Sequence[int], keepdims: bool = True) -> str:
-        axes = [int(a) for a in axes]
-        if not axes:
-            return x
-        if self.opset >= 13:
-            return self.op("ReduceSum", x, self.ints(axes), keepdims=int(keepdims))
-        return self.op("ReduceSum", x, axes=axes, keepdims=int(keepdims))
-
-    def squeeze(self, x: str, axes: Sequence[int]) -> str:
-        if not axes:
-            return x
-        if self.opset >= 13:
-            return self.op("Squeeze", x, self.ints(axes))
-        return self.op("Squeeze", x, axes=list(axes))
-
-    def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
-        if not axes:
-            return x
-        if self.opset >= 13:
-            return self.op("Unsqueeze", x, self.ints(axes))
-        return self.op("Unsqueeze", x, axes=list(axes))
-
-    def slice(self, x: str, starts, ends, axes, steps=None) -> str:
-        if self.opset >= 10:
-            args = [x, self.ints(starts), self.ints(ends), self.ints(axes)]
-            if steps is not None:
-                args.append(self.ints(steps))
-            return self.op("Slice", *args)
-        if steps is not None and any(s != 1 for s in steps):
-            self.fail("slicing with steps needs opset >= 10")
-        return self.op("Slice", x, starts=list(starts), ends=list(ends), axes=list(axes))
-
-    def pad(self, x: str, pads: Sequence[int], value: float = 0.0) -> str:
-        """Constant-mode Pad; ``pads`` is ONNX's [begin..., end...] over all axes."""
-        if not any(pads):
-            return x
-        if self.opset >= 11:
-            return self.op("Pad", x, self.ints(pads), self.const(value, like=x))
-        return self.op("Pad", x, pads=list(pads), value=float(value))
-
-    def transpose(self, x: str, perm: Sequence[int]) -> str:
-        if list(perm) == list(range(len(perm))):
-            return x
-        return self.op("Transpose", x, perm=list(perm))
-
-    def select(self, cond: str, a: str, b: Optional[str] = None, *, like: Optional[str] = None) -> str:
-        """``a`` where ``cond`` holds, else ``b`` (zero when None): a gradient's branch choice.
-
-        Emitted as ``a * Cast(cond) [+ b * Cast(Not(cond))]`` rather than
-        ``Where``: onnxruntime's CPU Where is 4-5x slower than Cast and Mul on
-        large tensors (benchmarks/bench_select.py), and for the finite
-        gradients rules select between the result is the same bit for bit
-        (one term is an exact zero).  Not for masking infinities or NaNs:
-        use ``op("Where", ...)`` there.
-        """
-        dtype = self.dtype(like or a)
-        out = self.op("Mul", a, self.op("Cast", cond, to=dtype))
-        if b is None:
-            return out
-        return self.op("Add", out, self.op("Mul", b, self.op("Cast", self.op("Not", cond), to=dtype)))
-
-    def add_n(self, names: Sequence[str]) -> str:
-        names = [n for n in names if n]
-        if len(names) == 1:
-            return names[0]
-        return self.op("Sum", *names)
-
+    # ------------------------------------------------------------ broadcasting
     def unbroadcast(self, grad: str, target: Union[str, tuple], grad_shape: Union[str, tuple, None] = None) -> str:
         """Sum ``grad`` (shaped like the broadcast result) down to ``target``'s shape.
 
@@ -297,7 +186,7 @@ class GradContext:
         if gshape is None or tshape is None:
             unknown = src if gshape is None else target
             raise ShapeError(
-                f"node {self.prefix!r} ({self.op_type}): the rank of tensor {unknown!r} is unknown "
+                f"node {self.label!r} ({self.op_type}): the rank of tensor {unknown!r} is unknown "
                 f"after shape inference; broadcasting gradients need ranks"
             )
         lead = len(gshape) - len(tshape)
@@ -328,11 +217,11 @@ class GradContext:
         """Axes whose broadcasting is only known at run time: sum iff the target's dim is 1."""
         if not isinstance(target, str):
             raise ShapeError(
-                f"node {self.prefix!r} ({self.op_type}): cannot tell which axes of {tuple(target)} "
+                f"node {self.label!r} ({self.op_type}): cannot tell which axes of {tuple(target)} "
                 f"were broadcast; make the shapes static")
         if self.opset < 10:
             raise ShapeError(
-                f"node {self.prefix!r} ({self.op_type}): dims {list(axes)} of {target!r} are not static, "
+                f"node {self.label!r} ({self.op_type}): dims {list(axes)} of {target!r} are not static, "
                 f"so broadcasting is decided at run time, which needs opset >= 10 (model has {self.opset})")
         shape = self.op("Shape", target)
         one = self.ints([1])

@@ -1,0 +1,269 @@
+"""Rewrite a model so onnxruntime can run it in float64: the checker's reference forward.
+
+onnxruntime's CPU provider has no float64 kernel for some ops.  Each is
+rewritten with ops that have one (same numbers as onnxruntime's float32
+kernel, to float32 roundoff), then every float32 tensor, constant, Cast
+target and graph type becomes float64 (:func:`to_float64`):
+
+Conv
+    ``Y[b, m, p] = sum_r sum_c Xpad[b, c, p*s + r*d] W[m, c, r]``: Pad, then
+    per kernel offset ``r`` one strided Slice of Xpad
+    (:func:`conv_arith.kernel_offset_slices`) and one MatMul over the channels
+    of each group, summed.  Pads by :func:`conv_arith.resolve_auto_pad`.
+AveragePool
+    X placed in the windows' frame (:func:`pool_arith.transpose_fit`: crop the
+    positions no window reads, pad zeros), the sum of one strided Slice per
+    kernel offset, divided by onnxruntime's divisors
+    (:func:`pool_arith.avg_divisors`).
+GlobalAveragePool
+    ReduceMean over the spatial axes.
+HardSigmoid, HardSwish, Clip
+    Max / Min (Clip's bounds from its inputs, or attributes before opset 11).
+LRN
+    ``X / (bias + alpha/size * sum_window X^2)^beta``: a sum of channel Slices
+    of the zero-padded squares.
+Erf
+    Abramowitz & Stegun 7.1.26 (smooth, ``|error| < 1.5e-7``).
+
+The rewrites need concrete input shapes: initializers' dims and one
+onnxruntime run on the given feeds (:func:`runtime_shapes`).  Models below
+opset 13 are converted first (the rewrites write Pad, Slice and ReduceMean
+with inputs).  Nodes are written by :class:`~onnxbp.writer.GraphWriter`;
+float constants are float32 and become float64 with the rest of the model.
+These models serve the finite-difference checker only: never part of a
+gradient model.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .modelio import convert_opset, cpu_session
+from .rules import conv_arith as ca
+from .rules import pool_arith as pa
+from .types import default_opset
+from .writer import GraphWriter
+
+_F, _D = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
+
+
+def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with every float32 graph type, initializer, tensor attribute and Cast target in float64."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+
+    def as_f64(t: onnx.TensorProto) -> onnx.TensorProto:
+        return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name)
+
+    def fix_graph(g: onnx.GraphProto) -> None:
+        for vi in list(g.input) + list(g.output):
+            if vi.type.tensor_type.elem_type == _F:
+                vi.type.tensor_type.elem_type = _D
+        del g.value_info[:]
+        for init in g.initializer:
+            if init.data_type == _F:
+                init.CopyFrom(as_f64(init))
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == _F:
+                    a.t.CopyFrom(as_f64(a.t))
+                elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == _F:
+                    a.i = _D
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    fix_graph(a.g)
+
+    fix_graph(m.graph)
+    return m
+
+
+def float64_model(model: onnx.ModelProto, feeds: Mapping) -> onnx.ModelProto:
+    """``model`` as onnxruntime runs it in float64: :func:`rewrite_ops`, then :func:`to_float64`."""
+    return to_float64(rewrite_ops(model, feeds))
+
+
+# ------------------------------------------------------------------ rewrites
+def _attrs(node: onnx.NodeProto) -> dict:
+    out = {}
+    for a in node.attribute:
+        v = helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+def _f32(w: GraphWriter, value) -> str:
+    return w.const(value, dtype=np.float32)
+
+
+def _optional_input(node: onnx.NodeProto, i: int):
+    return node.input[i] if len(node.input) > i and node.input[i] else None
+
+
+def _conv(node, a, shapes, w: GraphWriter) -> str:
+    x, wt, b = node.input[0], node.input[1], _optional_input(node, 2)
+    xs, ws = shapes[x], shapes[wt]
+    n_b, n = xs[0], list(xs[2:])
+    m_out, cg = ws[0], ws[1]
+    nsp = len(n)
+    group = int(a.get("group", 1))
+    k = list(a.get("kernel_shape") or ws[2:])
+    st = list(a.get("strides") or [1] * nsp)
+    dl = list(a.get("dilations") or [1] * nsp)
+    auto_pad = a.get("auto_pad", "NOTSET")
+    pads = ca.resolve_auto_pad(auto_pad, n, k, st, dl, a.get("pads") if auto_pad == "NOTSET" else None)
+    out = [ca.conv_out_size(n[i], k[i], st[i], dl[i], pads[i], pads[nsp + i]) for i in range(nsp)]
+    mg, p_total = m_out // group, int(np.prod(out))
+    sp = list(range(2, 2 + nsp))
+    xp = w.op("Pad", x, w.ints([0, 0] + pads[:nsp] + [0, 0] + pads[nsp:])) if any(pads) else x
+    terms = []
+    for offs, starts, ends in ca.kernel_offset_slices(k, st, dl, out):
+        sl = w.slice(xp, starts, ends, sp, st)  # (N, C, out)
+        sl = w.transpose(w.op("Reshape", sl, w.ints([n_b, group, cg, p_total])), [0, 1, 3, 2])  # (N, g, P, Cg)
+        wr = w.slice(wt, offs, [o + 1 for o in offs], sp)
+        wr = w.transpose(w.op("Reshape", wr, w.ints([group, mg, cg])), [0, 2, 1])  # (g, Cg, Mg)
+        terms.append(w.op("MatMul", sl, wr))  # (N, g, P, Mg)
+    acc = w.transpose(w.add_n(terms), [0, 1, 3, 2])  # (N, g, Mg, P)
+    y = w.op("Reshape", acc, w.ints([n_b, m_out] + out))
+    if b is not None:
+        y = w.op("Add", y, w.op("Reshape", b, w.ints([1, m_out] + [1] * nsp)))
+    return y
+
+
+def _avgpool(node, a, shapes, w: GraphWriter) -> str:
+    x = node.input[0]
+    n = list(shapes[x][2:])
+    nsp = len(n)
+    k = list(a["kernel_shape"])
+    st = list(a.get("strides") or [1] * nsp)
+    dl = list(a.get("dilations") or [1] * nsp)
+    pads = list(a.get("pads") or [0] * (2 * nsp))
+    pb, pe, out = pa.pool_geometry(n, k, st, dl, pads, a.get("auto_pad", "NOTSET"), int(a.get("ceil_mode", 0)))
+    crop_b, crop_e, pad_b, pad_e = pa.transpose_fits(n, k, st, dl, pb, pe, out)
+    sp = list(range(2, 2 + nsp))
+    # the adjoint of the rule's crop / pad: X's read positions, framed by zeros
+    if any(pad_b) or any(pad_e):
+        x = w.slice(x, pad_b, [nn - e for nn, e in zip(n, pad_e)], sp)
+    if any(crop_b) or any(crop_e):
+        x = w.op("Pad", x, w.ints([0, 0] + crop_b + [0, 0] + crop_e))
+    total = w.add_n([w.slice(x, starts, ends, sp, st)
+                     for _offs, starts, ends in ca.kernel_offset_slices(k, st, dl, out)])
+    counts = pa.avg_divisors(n, k, st, dl, pb, pe, out, int(a.get("count_include_pad", 0)))
+    return w.op("Div", total, _f32(w, counts))
+
+
+def _global_avgpool(node, a, shapes, w: GraphWriter) -> str:
+    x = node.input[0]
+    return w.reduce_mean(x, list(range(2, len(shapes[x]))), keepdims=True)
+
+
+def _clamp01(w: GraphWriter, t: str) -> str:
+    return w.op("Max", w.op("Min", t, _f32(w, 1.0)), _f32(w, 0.0))
+
+
+def _hardsigmoid(node, a, shapes, w: GraphWriter) -> str:
+    return _clamp01(w, w.op("Add", w.op("Mul", node.input[0], _f32(w, a.get("alpha", 0.2))),
+                            _f32(w, a.get("beta", 0.5))))
+
+
+def _hardswish(node, a, shapes, w: GraphWriter) -> str:
+    x = node.input[0]
+    return w.op("Mul", x, _clamp01(w, w.op("Add", w.op("Mul", x, _f32(w, 1.0 / 6.0)), _f32(w, 0.5))))
+
+
+def _clip(node, a, shapes, w: GraphWriter) -> str:
+    """Clip-11 has no float64 kernel: Max/Min with its bounds (attributes before opset 11)."""
+    lo = _optional_input(node, 1) or (_f32(w, a["min"]) if "min" in a else None)
+    hi = _optional_input(node, 2) or (_f32(w, a["max"]) if "max" in a else None)
+    y = node.input[0]
+    y = w.op("Max", y, lo) if lo is not None else y
+    return w.op("Min", y, hi) if hi is not None else y
+
+
+def _erf(node, a, shapes, w: GraphWriter) -> str:
+    """Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7, smooth): the forward the differences see."""
+    x = node.input[0]
+    ax = w.op("Abs", x)
+    t = w.op("Reciprocal", w.op("Add", _f32(w, 1.0), w.op("Mul", ax, _f32(w, 0.3275911))))
+    poly = _f32(w, 1.061405429)
+    for c in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        poly = w.op("Add", w.op("Mul", poly, t), _f32(w, c))
+    tail = w.op("Mul", w.op("Mul", poly, t), w.op("Exp", w.op("Neg", w.op("Mul", ax, ax))))
+    return w.op("Mul", w.op("Sign", x), w.op("Sub", _f32(w, 1.0), tail))
+
+
+def _lrn(node, a, shapes, w: GraphWriter) -> str:
+    x = node.input[0]
+    rank, c = len(shapes[x]), shapes[x][1]
+    size = int(a["size"])
+    pads = [0] * (2 * rank)
+    pads[1], pads[rank + 1] = (size - 1) // 2, size - 1 - (size - 1) // 2
+    sqp = w.op("Pad", w.op("Mul", x, x), w.ints(pads))
+    window = w.add_n([w.slice(sqp, [j], [j + c], [1]) for j in range(size)])
+    base = w.op("Add", _f32(w, a.get("bias", 1.0)), w.op("Mul", window, _f32(w, a.get("alpha", 1e-4) / size)))
+    return w.op("Div", x, w.op("Pow", base, _f32(w, a.get("beta", 0.75))))
+
+
+#: Ops onnxruntime's CPU provider has no float64 kernel for: ``fn(node, attrs, shapes, writer)``
+#: writes the replacement and returns the tensor that stands for the node's output.
+REWRITES = {
+    "Conv": _conv,
+    "AveragePool": _avgpool,
+    "GlobalAveragePool": _global_avgpool,
+    "HardSigmoid": _hardsigmoid,
+    "HardSwish": _hardswish,
+    "Clip": _clip,
+    "Erf": _erf,
+    "LRN": _lrn,
+}
+
+
+def _targets(model: onnx.ModelProto) -> list:
+    return [n for n in model.graph.node if n.op_type in REWRITES and n.domain in ("", "ai.onnx")]
+
+
+def runtime_shapes(model: onnx.ModelProto, feeds: Mapping, names: Sequence[str]) -> dict:
+    """Shapes of ``names`` from one onnxruntime run (concrete, whatever shape inference knew)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in have:
+            m.graph.output.append(helper.make_empty_tensor_value_info(name))
+            have.add(name)
+    del m.graph.value_info[:]
+    sess = cpu_session(m)
+    inputs = {i.name for i in sess.get_inputs()}
+    values = sess.run(list(names), {k: v for k, v in feeds.items() if k in inputs})
+    return {name: list(np.shape(v)) for name, v in zip(names, values)}
+
+
+def rewrite_ops(model: onnx.ModelProto, feeds: Mapping) -> onnx.ModelProto:
+    """A copy with the ops of :data:`REWRITES` rewritten; ``feeds`` give the concrete shapes."""
+    targets = _targets(model)
+    if not targets:
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    if default_opset(m) < 13:
+        ops = ", ".join(sorted({n.op_type for n in targets}))
+        m = convert_opset(m, 13, f"rewriting {ops} for the checker's float64 forward")
+        targets = _targets(m)
+    needed = sorted({i for n in targets for i in n.input if i})
+    shapes = {t.name: list(t.dims) for t in m.graph.initializer}
+    shapes.update(runtime_shapes(m, feeds, [i for i in needed if i not in shapes]))
+    w = GraphWriter.for_model(m, prefix="onnxbp/float64", doc="onnxbp: float64 rewrite for the checker")
+    nodes = []
+    for node in m.graph.node:
+        rewrite = REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if rewrite is None:
+            nodes.append(node)
+            continue
+        w.op("Identity", rewrite(node, _attrs(node), shapes, w), out=node.output[0])
+        nodes.extend(w.take_nodes())
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    del m.graph.value_info[:]
+    return m
