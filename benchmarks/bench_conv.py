@@ -27,6 +27,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxbp
+from onnxbp.modelio import cpu_session as session
 
 STRATEGIES = ("transpose", "seed", "patches", "auto")
 
@@ -70,15 +71,6 @@ def backward_only(gm: onnx.ModelProto) -> onnx.ModelProto:
     m.graph.output.extend(outs)
     onnx.checker.check_model(m, full_check=True)
     return m
-
-
-def session(model, threads):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def bench_case(name, batch, size, spec, wrt, repeats, threads, rng):

@@ -41,6 +41,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 import onnxbp
+from onnxbp.modelio import cpu_session as session
 
 
 def maxpool_model(batch, c, size, k, stride, pad, indices):
@@ -73,15 +74,6 @@ def backward_only(gm: onnx.ModelProto, idx_shape) -> tuple:
     m.graph.input.append(helper.make_tensor_value_info(idx_name, TensorProto.INT64, list(idx_shape)))
     onnx.checker.check_model(m, full_check=True)
     return m, idx_name
-
-
-def session(model, threads):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def main(argv=None):

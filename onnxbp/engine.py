@@ -274,9 +274,8 @@ class _Build:
         dropped = w.prune(list(gradients.values()))
         if dropped:
             log.debug("pruned %d unused backward nodes", dropped)
-        nodes = w.take_nodes()
-        g.node.extend(nodes)
         g.input.extend(new_inputs)
+        nodes = w.flush_into(g, self.model.ir_version, keep=list(gradients.values()))
         if check_exit:
             check_full(self.model, InternalError, "the backward graph fails the ONNX checker")
         return Backward(self.model, gradients, seed_tensors, seed_inputs, view.infos,

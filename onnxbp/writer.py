@@ -27,6 +27,7 @@ from .errors import InternalError, UnsupportedAttributeError
 from .naming import NameAuthority
 from .types import TensorInfo, np_dtype
 
+_CONSTANT_NODE_TYPES_BEFORE_9 = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
 _INT64_RESULTS = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin"}
 _BOOL_RESULTS = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And",
                  "Or", "Xor", "IsNaN", "IsInf"}
@@ -54,6 +55,7 @@ class _State:
         self.infos = infos
         self.const_base = const_base
         self.nodes: list = []
+        self.initializers: list = []
         self.created: set = set()
         self.consts: dict = {}
         self.memo: dict = {}
@@ -103,11 +105,34 @@ class GraphWriter:
         return self._w.nodes
 
     def take_nodes(self) -> list:
-        """Return the nodes written so far and start a new list (constants are forgotten too)."""
+        """Return the nodes written so far and start a new list (constants are forgotten too).
+
+        For writers whose constants are all Constant nodes (opset >= 9); see :meth:`flush_into`.
+        """
+        if self._w.initializers:
+            raise InternalError(f"{self.prefix}: constants were written as initializers (opset "
+                                f"{self.opset} < 9); add them with flush_into(graph)")
         nodes = list(self._w.nodes)
         self._w.nodes.clear()
         self._w.consts.clear()
         self._w.memo.clear()
+        return nodes
+
+    def flush_into(self, graph: onnx.GraphProto, ir_version: int, keep: Sequence[str] = ()) -> list:
+        """Append the written nodes (and the initializers of constants, below opset 9) to ``graph``.
+
+        Returns the nodes.  Initializers no node reads and ``keep`` does not
+        name are dropped.  Models of IR version < 4 list every initializer as
+        a graph input too, so those initializers are added as inputs.
+        """
+        used = {i for n in self._w.nodes for i in n.input} | set(keep)
+        inits = [t for t in self._w.initializers if t.name in used]
+        self._w.initializers.clear()
+        nodes = self.take_nodes()
+        graph.node.extend(nodes)
+        graph.initializer.extend(inits)
+        if ir_version < 4:
+            graph.input.extend(value_info(t.name, t.data_type, t.dims) for t in inits)
         return nodes
 
     def created(self, name: str) -> bool:
@@ -200,9 +225,14 @@ class GraphWriter:
         if key in w.consts:
             return w.consts[key]
         name = w.names.fresh(w.const_base)
-        w.nodes.append(helper.make_node("Constant", [], [name], name=name,
-                                        value=numpy_helper.from_array(np.array(arr, order="C", copy=True)),
-                                        doc_string=f"{self.doc} (constant)"))
+        tensor = numpy_helper.from_array(np.array(arr, order="C", copy=True))
+        if self.opset < 9 and arr.dtype not in _CONSTANT_NODE_TYPES_BEFORE_9:
+            # Before opset 9, Constant holds only float16/float/double: others become initializers.
+            tensor.name = name
+            w.initializers.append(tensor)
+        else:
+            w.nodes.append(helper.make_node("Constant", [], [name], name=name, value=tensor,
+                                            doc_string=f"{self.doc} (constant)"))
         w.created.add(name)
         w.consts[key] = name
         w.infos[name] = TensorInfo(helper.np_dtype_to_tensor_dtype(arr.dtype), tuple(arr.shape))
@@ -219,6 +249,9 @@ class GraphWriter:
             for k, o in enumerate(node.output):
                 if o == old:
                     node.output[k] = new
+        for t in w.initializers:
+            if t.name == old:
+                t.name = new
         for key, val in list(w.consts.items()):
             if val == old:
                 del w.consts[key]

@@ -16,7 +16,6 @@ import onnxbp
 # The generic machinery lives in onnxbp.testing (public: users check their own rules with it).
 from onnxbp.testing import (  # noqa: F401  (re-exported for the test files)
     STANDARD_DOMAINS,
-    _elem,
     assert_standard,
     make_model,
     run_gradient,

@@ -166,3 +166,26 @@ def test_gradient_names_survive_dropped_metadata():
     assert metadata.gradient_names(gm) == {"W": "W_grad", "x": "x_grad"}
     with pytest.raises(onnxbp.OnnxbpError, match="no onnxbp.gradients metadata and no output named <input>_grad"):
         metadata.gradient_names(_loss_model())
+
+
+@pytest.mark.parametrize("ir_version", [3, 4])
+def test_int_constants_below_opset_9_are_initializers(ir_version):
+    """Constant-1 (opsets < 9) holds only float tensors: Tile's backward needs int64 shapes, written as
+    initializers (listed as graph inputs too where IR < 4 requires it).  FD float64, rtol 1e-4."""
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["X", "r"], ["Y"])], "tile",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 3])]
+        + ([helper.make_tensor_value_info("r", TensorProto.INT64, [2])] if ir_version < 4 else []),
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [4, 3])],
+        [numpy_helper.from_array(np.array([2, 1], np.int64), "r")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
+    model.ir_version = ir_version
+    gm = onnxbp.gradient(model, ["X"])
+    assert not any(n.op_type == "Constant" and n.attribute[0].t.data_type == TensorProto.INT64
+                   for n in gm.graph.node)
+    added = [t.name for t in gm.graph.initializer if t.name != "r"]
+    assert added and all(n.startswith("onnxbp/grad/const") for n in added)
+    assert set(added) <= {i.name for i in gm.graph.input} if ir_version < 4 else \
+        not set(added) & {i.name for i in gm.graph.input}
+    report = onnxbp.check_gradients(model, ["X"], rtol=1e-4)
+    assert report.passed, report.table()
