@@ -142,7 +142,7 @@ def resolve_wrt(view: GraphView, wrt: Optional[Sequence[str]], targets: Sequence
                 log.info("initializer %s holds state (e.g. running statistics): not in the default wrt", name)
             elif name in reach:
                 chosen.append(name)
-            else:
+            elif log.isEnabledFor(logging.INFO):  # the explanation walks the graph: only when shown
                 log.info("initializer %s gets no gradient: %s", name, explain_unreachable(view, name, targets))
         if not chosen:
             raise WrtError("the model has no floating-point initializer through which a gradient "

@@ -48,6 +48,7 @@ class NameAuthority:
 
     def __init__(self, model: onnx.ModelProto):
         self._used = model_names(model)
+        self._next: dict = {}  # base -> the next suffix to try (keeps fresh() O(1) for a reused base)
 
     def is_used(self, name: str) -> bool:
         return name in self._used
@@ -63,9 +64,10 @@ class NameAuthority:
         if base not in self._used:
             self._used.add(base)
             return base
-        i = 1
+        i = self._next.get(base, 1)
         while f"{base}_{i}" in self._used:
             i += 1
         name = f"{base}_{i}"
+        self._next[base] = i + 1
         self._used.add(name)
         return name

@@ -57,7 +57,9 @@ class _State:
         self.nodes: list = []
         self.initializers: list = []
         self.created: set = set()
+        self.producer: dict = {}  # output name -> the node (or initializer) that writes it
         self.consts: dict = {}
+        self.const_keys: dict = {}  # constant name -> its key in consts
         self.memo: dict = {}
 
 
@@ -114,7 +116,9 @@ class GraphWriter:
                                 f"{self.opset} < 9); add them with flush_into(graph)")
         nodes = list(self._w.nodes)
         self._w.nodes.clear()
+        self._w.producer.clear()
         self._w.consts.clear()
+        self._w.const_keys.clear()
         self._w.memo.clear()
         return nodes
 
@@ -180,9 +184,11 @@ class GraphWriter:
         else:
             outs = [w.names.fresh(f"{node_name}_out{k}") for k in range(outputs)]
         ins = [i or "" for i in inputs]
-        w.nodes.append(helper.make_node(op_type, ins, outs, name=node_name, domain=domain or None,
-                                        doc_string=self.doc, **attrs))
+        node = helper.make_node(op_type, ins, outs, name=node_name, domain=domain or None,
+                                doc_string=self.doc, **attrs)
+        w.nodes.append(node)
         w.created.update(outs)
+        w.producer.update((o, node) for o in outs)
         elem = self._result_type(op_type, ins, attrs)
         if elem:
             for o in outs:
@@ -230,11 +236,15 @@ class GraphWriter:
             # Before opset 9, Constant holds only float16/float/double: others become initializers.
             tensor.name = name
             w.initializers.append(tensor)
+            w.producer[name] = tensor
         else:
-            w.nodes.append(helper.make_node("Constant", [], [name], name=name, value=tensor,
-                                            doc_string=f"{self.doc} (constant)"))
+            node = helper.make_node("Constant", [], [name], name=name, value=tensor,
+                                    doc_string=f"{self.doc} (constant)")
+            w.nodes.append(node)
+            w.producer[name] = node
         w.created.add(name)
         w.consts[key] = name
+        w.const_keys[name] = key
         w.infos[name] = TensorInfo(helper.np_dtype_to_tensor_dtype(arr.dtype), tuple(arr.shape))
         return name
 
@@ -245,16 +255,17 @@ class GraphWriter:
     def rename_output(self, old: str, new: str) -> None:
         """Make the node that writes ``old`` write ``new`` (a name the caller reserved)."""
         w = self._w
-        for node in w.nodes:
-            for k, o in enumerate(node.output):
-                if o == old:
-                    node.output[k] = new
-        for t in w.initializers:
-            if t.name == old:
-                t.name = new
-        for key, val in list(w.consts.items()):
-            if val == old:
-                del w.consts[key]
+        producer = w.producer.pop(old, None)
+        if producer is None:
+            raise InternalError(f"{self.prefix}: rename_output({old!r}): no written node outputs it")
+        if isinstance(producer, onnx.TensorProto):
+            producer.name = new
+        else:
+            producer.output[list(producer.output).index(old)] = new
+        w.producer[new] = producer
+        key = w.const_keys.pop(old, None)
+        if key is not None:
+            del w.consts[key]
         w.created.discard(old)
         w.created.add(new)
         if old in w.infos:
@@ -270,6 +281,12 @@ class GraphWriter:
                 keep.append(node)
                 needed.update(i for i in node.input if i)
         dropped = len(w.nodes) - len(keep)
+        if dropped:
+            kept = {id(n) for n in keep}
+            for node in w.nodes:
+                if id(node) not in kept:
+                    for o in node.output:
+                        w.producer.pop(o, None)
         w.nodes[:] = reversed(keep)
         return dropped
 

@@ -7,6 +7,7 @@ test says otherwise.
 from __future__ import annotations
 
 import os
+import zlib
 
 import numpy as np
 import onnx
@@ -40,6 +41,21 @@ def _record(kind: str, rel: float) -> None:
     key = (family, kind)
     if np.isfinite(rel):
         WORST_ERRORS[key] = max(WORST_ERRORS.get(key, 0.0), float(rel))
+
+
+def seed_of(*key) -> int:
+    """A stable seed for a test case (the same on every run and machine)."""
+    return zlib.crc32(repr(key).encode())
+
+
+def record_family(family, fd_report=None, torch_err=None):
+    """Worst relative errors per op family, in the table conftest prints at the end."""
+    if fd_report is not None:
+        key = (family, f"finite differences ({fd_report.precision})")
+        WORST_ERRORS[key] = max([WORST_ERRORS.get(key, 0.0)] + [r.max_rel_err for r in fd_report.results])
+    if torch_err is not None:
+        key = (family, "reference (torch/numpy)")
+        WORST_ERRORS[key] = max(WORST_ERRORS.get(key, 0.0), torch_err)
 
 
 def assert_fd(model: onnx.ModelProto, wrt=None, feeds=None, rtol: float = 1e-3, **kwargs):

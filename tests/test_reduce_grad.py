@@ -18,32 +18,19 @@ differences do not apply.
 
 from __future__ import annotations
 
-import zlib
 
 import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-import gradutil
 import onnxbp
 from gradutil import HAS_TORCH, assert_close, make_model, run_gradient
+from gradutil import record_family as _record
+from gradutil import seed_of as _seed
 
 TORCH_RTOL, TORCH_ATOL = 2e-5, 1e-6
 
 
-def _seed(*key) -> int:
-    return zlib.crc32(repr(key).encode())
-
-
-def _record(family, fd_report=None, torch_err=None):
-    """Worst relative errors per op family, in the table conftest prints at the end."""
-    if fd_report is not None:
-        key = (family, f"finite differences ({fd_report.precision})")
-        gradutil.WORST_ERRORS[key] = max([gradutil.WORST_ERRORS.get(key, 0.0)]
-                                         + [r.max_rel_err for r in fd_report.results])
-    if torch_err is not None:
-        key = (family, "reference (torch/numpy)")
-        gradutil.WORST_ERRORS[key] = max(gradutil.WORST_ERRORS.get(key, 0.0), torch_err)
 
 
 def _fd(model, wrt, feeds, gm, family):
