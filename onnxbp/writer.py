@@ -334,18 +334,18 @@ class GraphWriter:
         return self.op(op_type, x, axes=axes, keepdims=int(keepdims))
 
     def squeeze(self, x: str, axes: Sequence[int]) -> str:
-        if not axes:
-            return x
-        if self.opset >= 13:
-            return self.op("Squeeze", x, self.ints(axes))
-        return self.op("Squeeze", x, axes=list(axes))
+        return self._axes_op("Squeeze", x, axes)
 
     def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
+        return self._axes_op("Unsqueeze", x, axes)
+
+    def _axes_op(self, op_type: str, x: str, axes: Sequence[int]) -> str:
+        """Squeeze / Unsqueeze: axes an input from opset 13, an attribute before."""
         if not axes:
             return x
         if self.opset >= 13:
-            return self.op("Unsqueeze", x, self.ints(axes))
-        return self.op("Unsqueeze", x, axes=list(axes))
+            return self.op(op_type, x, self.ints(axes))
+        return self.op(op_type, x, axes=list(axes))
 
     def slice(self, x: str, starts, ends, axes, steps=None) -> str:
         if self.opset >= 10:

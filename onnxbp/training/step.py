@@ -197,6 +197,7 @@ def build_step_model(model: ModelLike, *, loss: str = "cross_entropy", optimizer
         st.inputs.append(value_info(step, TensorProto.INT64, []))
     state_map = _optimizer_stage(w, st, optimizer, params, bw.gradients, lr, step)
     _running_stats_stage(w, st, fl.batch_norms, bn_stats, bw.infos)
+    st.finish(w)
 
     g = m.graph
     g.node.extend(w.take_nodes())
@@ -300,6 +301,7 @@ class _Carried:
         self.outputs: list = []
         self.updates: dict = {}
         self.initial: dict = {}
+        self._pending: list = []  # (carried name, its next value, the output name)
 
     def to_input(self, name: str, initial: Optional[np.ndarray] = None, like: Optional[str] = None) -> None:
         """Make ``name`` a step input (removing its initializer), typed like forward initializer ``like``."""
@@ -312,11 +314,24 @@ class _Carried:
         self.initial[name] = numpy_helper.to_array(t) if initial is None else initial
 
     def carry(self, w: GraphWriter, name: str, new_value: str, like: Optional[str] = None) -> None:
+        """``new_value`` becomes the output ``<name>.new``, the next step's ``name`` (see :meth:`finish`)."""
         t = self.fwd_inits[like or name]
         out = w.fresh(f"{name}.new")
-        w.op("Identity", new_value, out=out, name=f"{name}/out")
+        self._pending.append((name, new_value, out))
         self.updates[name] = out
         self.outputs.append(value_info(out, t.data_type, t.dims))
+
+    def finish(self, w: GraphWriter) -> None:
+        """Name each next value's tensor as its output where only the output reads it, else an Identity."""
+        consumed = {i for n in w.nodes for i in n.input}
+        renamed: set = set()
+        for name, value, out in self._pending:
+            if w.created(value) and value not in consumed and value not in renamed:
+                w.rename_output(value, out)
+                renamed.add(value)
+            else:
+                w.op("Identity", value, out=out, name=f"{name}/out")
+        self._pending = []
 
 
 def _optimizer_stage(w: GraphWriter, st: _Carried, optimizer, params: list, grads: dict, lr: str,
@@ -332,7 +347,20 @@ def _optimizer_stage(w: GraphWriter, st: _Carried, optimizer, params: list, grad
             state_in[kind] = sname
             st.to_input(sname, np.zeros_like(st.initial[p]), like=p)
         state_map[p] = state_in
-        new_p, new_state = optimizer.emit(w, p, grads[p], state_in, lr, step, t.data_type)
+        dims = [int(d) for d in t.dims]
+        if len(dims) > 1 and 1 in dims[1:]:
+            # [M, C, 1, 1]-like (1x1 conv weights): onnxruntime's elementwise kernels run 17-29x slower on
+            # them than on the flat view, while a flat view of other shapes is no faster or slower
+            # (benchmarks/bench_optimizer_views.py); Reshape is free (an alias).
+            ow = w.scoped(f"train/{p}/flat")
+            flat, shape = ow.ints([-1]), ow.ints(dims)
+            new_p, new_state = optimizer.emit(
+                ow, ow.op("Reshape", p, flat), ow.op("Reshape", grads[p], flat),
+                {k: ow.op("Reshape", s, flat) for k, s in state_in.items()}, lr, step, t.data_type)
+            new_p = ow.op("Reshape", new_p, shape)
+            new_state = {k: ow.op("Reshape", v, shape) for k, v in new_state.items()}
+        else:
+            new_p, new_state = optimizer.emit(w, p, grads[p], state_in, lr, step, t.data_type)
         st.carry(w, p, new_p)
         for kind, sname in state_in.items():
             st.carry(w, sname, new_state[kind], like=p)
