@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=31)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    print(f"| shape | own shape ms (min-max) | flat view ms (min-max) | own / flat |\n|---|---|---|---|")
+    print("| shape | own shape ms (min-max) | flat view ms (min-max) | own / flat |\n|---|---|---|---|")
     for shape in SHAPES:
         x = np.random.default_rng(0).random(shape, dtype=np.float32)
         sessions = {flat: cpu_session(chain_model(shape, flat), args.threads) for flat in (False, True)}
