@@ -271,6 +271,22 @@ class GraphWriter:
         if old in w.infos:
             w.infos[new] = w.infos[old]
 
+    def rename_tensors(self, mapping: dict) -> None:
+        """Rename tensors the writer wrote, ``{old: new}``, at their producers and every written consumer.
+
+        One pass over the written nodes; the new names are the caller's (reserved) names.
+        """
+        w = self._w
+        for old, new in mapping.items():
+            if old not in w.producer:
+                raise InternalError(f"{self.prefix}: rename_tensors({old!r}): no written node outputs it")
+        for node in w.nodes:
+            for k, name in enumerate(node.input):
+                if name in mapping:
+                    node.input[k] = mapping[name]
+        for old, new in mapping.items():
+            self.rename_output(old, new)
+
     def prune(self, keep_outputs: Sequence[str]) -> int:
         """Drop the written nodes that no name in ``keep_outputs`` depends on; return how many."""
         w = self._w

@@ -322,15 +322,15 @@ class _Carried:
         self.outputs.append(value_info(out, t.data_type, t.dims))
 
     def finish(self, w: GraphWriter) -> None:
-        """Name each next value's tensor as its output where only the output reads it, else an Identity."""
-        consumed = {i for n in w.nodes for i in n.input}
-        renamed: set = set()
+        """Name each next value's tensor as its output (other nodes may read a graph output too);
+        an Identity only where the value is not ours to rename (a forward tensor) or is carried twice."""
+        mapping: dict = {}
         for name, value, out in self._pending:
-            if w.created(value) and value not in consumed and value not in renamed:
-                w.rename_output(value, out)
-                renamed.add(value)
+            if w.created(value) and value not in mapping:
+                mapping[value] = out
             else:
                 w.op("Identity", value, out=out, name=f"{name}/out")
+        w.rename_tensors(mapping)
         self._pending = []
 
 
