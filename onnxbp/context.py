@@ -61,9 +61,9 @@ class GradContext(GraphWriter):
     def __init__(self, build: Build, node: onnx.NodeProto, entry: RuleEntry,
                  grad_outputs: Sequence[Optional[str]], needs: Sequence[bool]):
         label = build.view.label(node)
-        super().__init__(build.writer.names, build.writer.opset, prefix=f"{label}/grad",
+        super().__init__(prefix=f"{label}/grad",
                          doc=f"onnxbp: backward of node '{label}' ({node.op_type}) by rule {entry.source}",
-                         _state=build.writer._w)
+                         share=build.writer)
         self._build = build
         self.node = node
         self.entry = entry

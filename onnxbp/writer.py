@@ -69,14 +69,19 @@ class GraphWriter:
     ``GraphWriter(names, opset, infos=None, prefix="onnxbp", doc="onnxbp")``:
     ``names`` is the model's :class:`NameAuthority`, ``opset`` its default
     opset (helpers pick the spelling for it), ``infos`` a shared
-    ``{tensor: TensorInfo}`` map that the writer extends.
+    ``{tensor: TensorInfo}`` map that the writer extends.  ``share=`` another
+    writer: a scope of that writer (its names, opset, infos, nodes and
+    constants; the other arguments but ``prefix`` and ``doc`` are ignored),
+    as :meth:`scoped` makes; subclasses such as ``GradContext`` use it.
     """
 
-    def __init__(self, names: NameAuthority, opset: int, infos: Optional[dict] = None, *,
+    def __init__(self, names: Optional[NameAuthority] = None, opset: int = 0, infos: Optional[dict] = None, *,
                  prefix: str = "onnxbp", doc: str = "onnxbp", const_base: Optional[str] = None,
-                 _state: Optional[_State] = None):
-        self._w = _state or _State(names, opset, {} if infos is None else infos,
-                                   const_base or f"{prefix}/const")
+                 share: Optional["GraphWriter"] = None):
+        if share is None and names is None:
+            raise InternalError("GraphWriter needs a NameAuthority (names=) or a writer to share")
+        self._w = share._w if share is not None else _State(names, opset, {} if infos is None else infos,
+                                                             const_base or f"{prefix}/const")
         self.prefix = prefix
         self.doc = doc
 
@@ -89,7 +94,7 @@ class GraphWriter:
 
     def scoped(self, prefix: str, doc: Optional[str] = None) -> "GraphWriter":
         """A writer sharing this one's nodes, names and constants, naming nodes ``<prefix>/...``."""
-        return GraphWriter(self._w.names, self._w.opset, prefix=prefix, doc=doc or self.doc, _state=self._w)
+        return GraphWriter(prefix=prefix, doc=doc or self.doc, share=self)
 
     # ------------------------------------------------------------ shared state
     @property
