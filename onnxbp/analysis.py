@@ -37,10 +37,11 @@ class Path:
     nodes: list      # forward nodes to differentiate, in forward order
 
 
-def diff_inputs(node: onnx.NodeProto, entry: Optional[RuleEntry]) -> list:
-    """Indices of the inputs a gradient may flow into."""
+def diff_inputs(inputs: Sequence[str], entry: Optional[RuleEntry]) -> list:
+    """Indices into ``inputs`` (:meth:`GraphView.inputs`: the node's inputs, then its subgraphs'
+    outer-scope reads) that a gradient may flow into."""
     skip = set(entry.non_differentiable_inputs) if entry else set()
-    return [i for i, n in enumerate(node.input) if n and i not in skip]
+    return [i for i, n in enumerate(inputs) if n and i not in skip]
 
 
 def activity(view: GraphView, sources: Iterable[str]) -> tuple:
@@ -49,13 +50,14 @@ def activity(view: GraphView, sources: Iterable[str]) -> tuple:
     stops: list = []
     for node in view.nodes:
         entry = view.entry_for(node)
-        live_all = [i for i, n in enumerate(node.input) if n in active]
+        inputs = view.inputs(node)
+        live_all = [i for i, n in enumerate(inputs) if n in active]
         if not live_all:
             continue
         label = view.label(node)
-        live = [i for i in diff_inputs(node, entry) if node.input[i] in active]
+        live = [i for i in diff_inputs(inputs, entry) if inputs[i] in active]
         if not live:
-            stops.append((node, f"input {node.input[live_all[0]]!r} of node '{label}' ({node.op_type}) "
+            stops.append((node, f"input {inputs[live_all[0]]!r} of node '{label}' ({node.op_type}) "
                                 f"is not differentiable"))
             continue
         if entry is not None and entry.kind == NO_GRADIENT:
@@ -86,11 +88,12 @@ def usefulness(view: GraphView, active: set, targets: Sequence[str]) -> tuple:
         entry = view.entry_for(node)
         if entry is not None and entry.kind == NO_GRADIENT:
             continue
-        live = [i for i in diff_inputs(node, entry) if node.input[i] in active]
+        inputs = view.inputs(node)
+        live = [i for i in diff_inputs(inputs, entry) if inputs[i] in active]
         if not live:
             continue
         on_path.append(node)
-        useful.update(node.input[i] for i in live)
+        useful.update(inputs[i] for i in live)
     on_path.reverse()
     return useful, on_path
 
@@ -187,6 +190,15 @@ def check_path_ops(view: GraphView, on_path: Sequence[onnx.NodeProto]) -> None:
         others = sorted({f"{m.op_type}" for m in missing[1:]} - {n.op_type})
         more = f" (also without rules: {', '.join(others[:6])})" if others else ""
         reg_dom = f", domain={n.domain!r}" if n.domain not in ("", "ai.onnx") else ""
+        captures = view.captures(n)
+        if captures:
+            raise UnsupportedOpError(
+                f"node '{view.label(n)}' (op {n.op_type}, domain {dom}) has subgraphs and no gradient rule, "
+                f"and a requested gradient flows through it (its inputs or the outer-scope tensors its "
+                f"body reads: {', '.join(repr(c) for c in captures[:4])}); control flow is not "
+                f"differentiated, and differentiating around it would be wrong: request gradients only "
+                f"of tensors that do not reach the outputs through it{more}"
+            )
         if n.op_type == "SplitToSequence" and n.output[0] in view.sequence_why:
             raise UnsupportedOpError(
                 f"node '{view.label(n)}' (op SplitToSequence) is differentiated only when its sequence "

@@ -50,6 +50,7 @@ class GraphView:
                 self._constants.setdefault(node.output[0], value)
         self.sequence_why: dict = {}
         self.nodes = self._analysis_view(list(model.graph.node))
+        self._captures = {id(n): outer_names(n) for n in self.nodes if _has_subgraph(n)}
         self._labels: dict = {}
         self._entries: dict = {}
         for i, node in enumerate(self.nodes):
@@ -83,6 +84,19 @@ class GraphView:
         """
         tensor = self._constants.get(name) if name else None
         return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def inputs(self, node: onnx.NodeProto) -> list:
+        """The node's inputs, then the outer-scope tensors its subgraphs (If/Loop/Scan bodies) read.
+
+        The analysis follows both: a gradient that reaches a body only through
+        such a capture still passes through the node.
+        """
+        captures = self._captures.get(id(node))
+        return list(node.input) + captures if captures else list(node.input)
+
+    def captures(self, node: onnx.NodeProto) -> list:
+        """The outer-scope tensors the node's subgraphs read (empty for nodes without subgraphs)."""
+        return list(self._captures.get(id(node), ()))
 
     def const_ints(self, name: str) -> Optional[list]:
         value = self.constant_value(name)
@@ -163,3 +177,33 @@ class GraphView:
         synthetic = helper.make_node("Split", [n.input[0]], outputs, name=n.name or f"{seq}/split", axis=axis)
         log.info("differentiating SplitToSequence %s and its %d SequenceAt reads as one Split", n.name, count)
         return (synthetic, users), None
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def outer_names(node: onnx.NodeProto) -> list:
+    """Names the node's subgraphs read from an enclosing scope, in first-use order."""
+    found: list = []
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) \
+            if a.type == onnx.AttributeProto.GRAPHS else []
+        for g in graphs:
+            for name in _free_names(g):
+                if name not in found:
+                    found.append(name)
+    return found
+
+
+def _free_names(graph: onnx.GraphProto) -> list:
+    """Tensors a (sub)graph reads that it does not define itself (inputs, initializers, node outputs)."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer} | \
+        {t.values.name for t in graph.sparse_initializer}
+    free: list = []
+    for node in graph.node:
+        for name in list(node.input) + (outer_names(node) if _has_subgraph(node) else []):
+            if name and name not in defined and name not in free:
+                free.append(name)
+        defined.update(o for o in node.output if o)
+    return free
