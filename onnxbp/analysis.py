@@ -153,6 +153,9 @@ def resolve_wrt(view: GraphView, wrt: Optional[Sequence[str]], targets: Sequence
         return chosen
     if isinstance(wrt, str):
         wrt = [wrt]
+    if not wrt:
+        raise WrtError("wrt is empty; name initializers or graph inputs, or pass wrt=None (every float "
+                       "initializer that reaches an output)")
     graph_inputs = {i.name for i in graph.input}
     inits = {t.name for t in graph.initializer}
     seen: list = []

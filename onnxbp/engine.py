@@ -203,6 +203,9 @@ class _Build:
             seeds = [seeds]
         if not isinstance(seeds, Mapping):
             seeds = {s: 1.0 for s in seeds}
+        if not seeds:
+            raise WrtError("seeds is empty; name the tensors to differentiate (a loss), or pass seeds=None "
+                           "(every float output, each with an upstream-gradient input)")
         known = {o for n in self.view.nodes for o in n.output} | {i.name for i in graph.input} | \
             {t.name for t in graph.initializer}
         out = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
@@ -31,6 +32,8 @@ def load_model(model: ModelLike, *, check: bool = True) -> onnx.ModelProto:
             raise ModelLoadError(f"{where}: no such file")
         if path.is_dir():
             raise ModelLoadError(f"{where} is a directory, not an ONNX file")
+        if not path.is_file():
+            raise ModelLoadError(f"{where} is a {_file_kind(path)}, not a regular file; give an .onnx file")
         data = path.read_bytes()
         if not data:
             raise ModelLoadError(f"{where} is empty, not an ONNX model")
@@ -110,23 +113,50 @@ def save_model_atomic(model: onnx.ModelProto, path: Union[str, os.PathLike],
             )
     if out.is_dir():
         raise OutputPathError(f"output path '{out}' is a directory; give a file name ending in .onnx")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.exists():
-        raise OutputPathError(f"output directory '{parent}' does not exist")
+    target = writable_target(out)
+    if not target.parent.exists():
+        raise OutputPathError(f"output directory '{target.parent}' does not exist")
     data = model.SerializeToString()
     write_bytes_atomic(out, data)
     log.info("wrote %s (%d bytes)", out, len(data))
     return out
 
 
+def _file_kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    for test, kind in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def writable_target(path: Union[str, os.PathLike]) -> Path:
+    """The file an atomic write to ``path`` replaces: the path, or a symlink's target (written through).
+
+    Raises :class:`OutputPathError` when that is an existing non-regular file
+    (a device, FIFO or socket): onnxbp never replaces one with a regular file.
+    """
+    out = Path(path)
+    target = out.resolve() if out.is_symlink() else out
+    if target.exists() and not target.is_file():
+        raise OutputPathError(f"output path '{out}' is a {_file_kind(target)}, not a regular file; onnxbp writes "
+                              f"files atomically and never replaces a special file: give a file path")
+    return target
+
+
 def write_bytes_atomic(path: Union[str, os.PathLike], data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``.
 
     Readers see the old file or the new one, never a half-written one; on any
-    failure the temporary file is removed and ``path`` is untouched.
+    failure the temporary file is removed and ``path`` is untouched.  A
+    symlink is written through (its target is replaced, the link stays); an
+    existing special file is refused (:func:`writable_target`).  Temporaries
+    left by a writer that was killed (its process is gone) are removed.
     """
-    out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    out = writable_target(path)
+    _remove_stale_temporaries(out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -141,6 +171,30 @@ def write_bytes_atomic(path: Union[str, os.PathLike], data: bytes) -> Path:
             pass
         raise
     return out
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete ``.<name>.<pid>.*.tmp`` beside ``out`` whose writing process no longer exists."""
+    prefix = f".{out.name}."
+    try:
+        entries = list(out.parent.iterdir()) if out.parent.is_dir() else []
+    except OSError:
+        return
+    for entry in entries:
+        rest = entry.name[len(prefix):] if entry.name.startswith(prefix) and entry.name.endswith(".tmp") else ""
+        pid = rest.split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            try:
+                entry.unlink()
+                log.info("removed %s, left by a writer that was stopped", entry)
+            except OSError:
+                pass
+        except OSError:  # the process exists (no permission to signal it): not stale
+            continue
 
 
 def _umask() -> int:
