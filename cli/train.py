@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -86,9 +86,12 @@ def run(args) -> int:
         raise TrainingError("--epochs and --batch-size must be >= 1 and --lr > 0")
     if args.output is None:
         args.output = f"{Path(args.model).stem}_trained.onnx"
-    out = Path(args.output)
-    if not out.parent.exists():  # fail before training, not after
-        raise OutputPathError(f"output directory '{out.parent}' does not exist")
+    # Every path is checked before the first step, not after the training it would throw away.
+    for path, what in ((args.output, "output"), (args.metrics, "--metrics"), (args.plot, "--plot")):
+        if path:
+            _check_output(Path(path), what, Path(args.model))
+    if args.checkpoint and Path(args.checkpoint).exists() and not Path(args.checkpoint).is_dir():
+        raise OutputPathError(f"--checkpoint '{args.checkpoint}' is a file; give a directory (created if missing)")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -109,7 +112,7 @@ def run(args) -> int:
           f"({sum(int(trainer.step_model.initial[p].size) for p in trainer.spec.params)} values), "
           f"{len(data.x_train)} train / {len(data.x_test)} test samples, {args.optimizer} lr {args.lr:g}, "
           f"batch {args.batch_size}", flush=True)
-    progress = _Progress(sys.stderr, not args.no_progress)
+    progress = _Progress(sys.stderr, not args.no_progress and sys.stderr.isatty())  # no \r frames in log files
 
     def on_epoch(rec):
         acc = "" if rec["test_accuracy"] is None else f", test accuracy {rec['test_accuracy']:.4f}"
@@ -149,14 +152,24 @@ def run(args) -> int:
     return 0
 
 
-def _write_json(path, obj) -> None:
-    import tempfile
+def _check_output(path: Path, what: str, model: Path) -> None:
+    from onnxbp.errors import OutputPathError
+    from onnxbp.modelio import writable_target
 
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, p)
+    if path.is_dir():
+        raise OutputPathError(f"{what} path '{path}' is a directory; give a file name")
+    target = writable_target(path)
+    if not target.parent.exists():
+        raise OutputPathError(f"{what} directory '{target.parent}' does not exist")
+    if model.exists() and target.resolve() == model.resolve():
+        raise OutputPathError(f"{what} path '{path}' is the input model; choose another path "
+                              f"(the input is never modified)")
+
+
+def _write_json(path, obj) -> None:
+    from onnxbp.modelio import write_bytes_atomic
+
+    write_bytes_atomic(path, json.dumps(obj, indent=2).encode())
 
 
 def _plot(history, path) -> None:
@@ -177,5 +190,9 @@ def _plot(history, path) -> None:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("test accuracy")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    from onnxbp.modelio import write_bytes_atomic
+
+    write_bytes_atomic(path, buf.getvalue())

@@ -74,3 +74,24 @@ def test_empty_wrt_and_seeds_are_errors(model):
         onnxbp.backward(model, seeds=[])
     gm = onnxbp.gradient(model, "fc1.weight")  # one name, not a list of characters
     assert [o.name for o in gm.graph.output][-1] == "fc1.weight_grad"
+
+
+@pytest.mark.parametrize("extra, text", [
+    (["-o", "{model}"], "output path '{model}' is the input model; choose another path"),
+    (["--metrics", "{tmp}/missing/m.json"], "--metrics directory '{tmp}/missing' does not exist"),
+    (["--plot", "{tmp}/missing/p.png"], "--plot directory '{tmp}/missing' does not exist"),
+    (["--checkpoint", "{tmp}/afile"], "--checkpoint '{tmp}/afile' is a file; give a directory"),
+    (["-o", "/dev/null"], "output path '/dev/null' is a character device, not a regular file"),
+])
+def test_train_checks_every_path_before_training(tmp_path, capsys, extra, text):
+    from cli.main import main
+
+    model = tmp_path / "lenet.onnx"
+    model.write_bytes(Path(MLP).read_bytes())
+    (tmp_path / "afile").write_bytes(b"")
+    before = model.read_bytes()
+    args = [a.format(model=model, tmp=tmp_path) for a in extra]
+    assert main(["train", str(model), "--data", "digits", "--epochs", "1", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and text.format(model=model, tmp=tmp_path) in err
+    assert "training" not in capsys.readouterr().out and model.read_bytes() == before
