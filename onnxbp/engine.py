@@ -242,8 +242,15 @@ class _Build:
                 seed_inputs.append(seed)
             seed_tensors[t] = seed
         for name in grad_names.values():
+            p = next(k for k, v in grad_names.items() if v == name)
+            if name in seed_inputs:
+                t = next(k for k, v in seed_tensors.items() if v == name)
+                raise NameCollisionError(
+                    f"the gradient output for {p!r} and the upstream-gradient input for output {t!r} would both "
+                    f"be named {name!r} ({p!r} is differentiated and is also a graph output, so every suffix "
+                    f"gives both the same name); give the output its own name (an Identity node) or leave "
+                    f"{p!r} out of wrt")
             if view.names.is_used(name):
-                p = next(k for k, v in grad_names.items() if v == name)
                 raise NameCollisionError(
                     f"the model already has a tensor or node named {name!r}, the name of the gradient "
                     f"output for {p!r}"

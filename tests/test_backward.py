@@ -189,3 +189,20 @@ def test_int_constants_below_opset_9_are_initializers(ir_version):
         not set(added) & {i.name for i in gm.graph.input}
     report = onnxbp.check_gradients(model, ["X"], rtol=1e-4)
     assert report.passed, report.table()
+
+
+def test_output_that_is_a_differentiated_input_names_the_real_clash_and_the_fix_works():
+    vi = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])
+    model = helper.make_model(helper.make_graph([], "id", [vi], [vi]), opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(onnxbp.NameCollisionError) as info:
+        onnxbp.gradient(model, ["x"], grad_suffix="_g")
+    assert str(info.value) == (
+        "the gradient output for 'x' and the upstream-gradient input for output 'x' would both be named 'x_g' "
+        "('x' is differentiated and is also a graph output, so every suffix gives both the same name); give the "
+        "output its own name (an Identity node) or leave 'x' out of wrt")
+    fixed = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id", [vi],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    gm = onnxbp.gradient(fixed, ["x"])
+    dy = RNG.standard_normal(3).astype(np.float32)
+    np.testing.assert_array_equal(session(gm).run(["x_grad"], {"x": dy * 0, "y_grad": dy})[0], dy)
