@@ -41,7 +41,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_grad(args) -> int:
-    gm = onnxbp.gradient(args.model, args.wrt, grad_suffix=args.grad_suffix, **_options(args))
+    from onnxbp.modelio import check_loadable, check_onnxruntime_loads
+
+    model = onnxbp.load_model(args.model)
+    check_loadable(model, f"'{args.model}'")
+    check_onnxruntime_loads(model, f"'{args.model}'")  # the gradient model must run where the forward does
+    gm = onnxbp.gradient(model, args.wrt, grad_suffix=args.grad_suffix, **_options(args))
     onnxbp.save_model_atomic(gm, args.output, source=args.model)
     grads = list(_grad_params(gm).values())
     backward = sum(1 for n in gm.graph.node if n.doc_string.startswith("onnxbp"))

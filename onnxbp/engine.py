@@ -49,7 +49,7 @@ from .errors import (
     WrtError,
 )
 from .graphview import GraphView
-from .modelio import ModelLike, check_full, convert_opset, load_model
+from .modelio import ModelLike, check_full, check_loadable, convert_opset, load_model
 from .registry import REGISTRY, Registry, RuleEntry
 from .types import TensorInfo, default_opset, np_dtype
 from .writer import GraphWriter
@@ -151,6 +151,7 @@ class _Build:
         self._options = _validate_options(registry, options)
         if check:
             check_full(model, ModelLoadError, "the model fails the ONNX checker (full_check)")
+            check_loadable(model)
         self._prepare(model)
 
     def _prepare(self, model: onnx.ModelProto) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -76,6 +77,46 @@ def check_full(model: onnx.ModelProto, error: type, what: str) -> None:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:  # noqa: BLE001 - ValidationError or InferenceError
         raise error(f"{what}: {first_line(exc)}") from None
+
+
+def check_loadable(model: onnx.ModelProto, where: str = "the model") -> None:
+    """What onnxruntime refuses although onnx's checker passes, found before any work is done.
+
+    Duplicate node names, and a default-domain opset newer than this onnx
+    knows (onnxruntime supports at most that).  :func:`check_onnxruntime_loads`
+    asks onnxruntime itself.
+    """
+    from .types import default_opset
+
+    seen: dict = {}
+    for node in model.graph.node:
+        if node.name:
+            seen[node.name] = seen.get(node.name, 0) + 1
+    dup = next((name for name, count in seen.items() if count > 1), None)
+    if dup is not None:
+        raise ModelLoadError(f"{where}: {seen[dup]} nodes are named {dup!r}; onnxruntime refuses duplicate node "
+                             f"names: give each node its own name (or none)")
+    newest = onnx.defs.onnx_opset_version()
+    if default_opset(model) > newest:
+        raise ModelLoadError(f"{where}: default opset {default_opset(model)} is newer than any this onnx knows "
+                             f"(1..{newest}); onnxruntime cannot run it either")
+
+
+def check_onnxruntime_loads(model: onnx.ModelProto, where: str = "the model") -> None:
+    """Raise :class:`ModelLoadError` naming onnxruntime's reason when its CPU provider cannot load ``model``
+    (an op version it has no kernel for, such as Gemm before opset 7)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    try:
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        text = " ".join(first_line(exc).split())
+        text = text.split("FAIL : ", 1)[-1] if "FAIL : " in text else text
+        text = re.sub(r"^/\S+:\d+ [^)]*\)\s*", "", text)  # onnxruntime's C++ source location and function
+        raise ModelLoadError(f"{where}: onnxruntime {ort.__version__} cannot load it: {text[:300]}") from None
 
 
 def convert_opset(model: onnx.ModelProto, target: int, why: str, error: type = UnsupportedOpError) -> onnx.ModelProto:

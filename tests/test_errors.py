@@ -194,3 +194,42 @@ def test_saved_model_gets_the_usual_file_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (out.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+def _onnxruntime_refuses(kind):
+    vi = lambda n, s=(2, 3): helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s))  # noqa: E731
+    if kind == "gemm6":  # onnx's checker passes; onnxruntime has no Gemm kernel before opset 7
+        inits = [onnx.numpy_helper.from_array(np.ones((3, 4), np.float32), "W"),
+                 onnx.numpy_helper.from_array(np.ones(4, np.float32), "C")]
+        graph = helper.make_graph([helper.make_node("Gemm", ["x", "W", "C"], ["y"])], "g", [vi("x")],
+                                  [vi("y", (2, 4))], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)])
+    if kind == "duplicate":
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["a"], name="n"),
+                                   helper.make_node("Neg", ["a"], ["y"], name="n")], "g", [vi("x")], [vi("y")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [vi("x")], [vi("y")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 99)])
+
+
+@pytest.mark.parametrize("kind, api_text, cli_text", [
+    ("gemm6", None, "cannot load it: [ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation "
+                    "for Gemm(6)"),
+    ("duplicate", "2 nodes are named 'n'; onnxruntime refuses duplicate node names",
+     "2 nodes are named 'n'; onnxruntime refuses duplicate node names"),
+    ("opset99", "default opset 99 is newer than any this onnx knows",
+     "default opset 99 is newer than any this onnx knows (1.."),
+])
+def test_models_onnxruntime_cannot_load_are_refused_up_front(tmp_path, capsys, kind, api_text, cli_text):
+    from cli.main import main
+
+    model = _onnxruntime_refuses(kind)
+    onnx.checker.check_model(model, full_check=True)  # onnx itself accepts every one of them
+    if api_text:
+        with pytest.raises(onnxbp.ModelLoadError, match=__import__("re").escape(api_text)):
+            onnxbp.gradient(model, ["x"])
+    src, out = tmp_path / f"{kind}.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    assert main(["grad", str(src), "-o", str(out), "--wrt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and cli_text in err and not out.exists()
