@@ -593,13 +593,10 @@ def print_speed(rows, args, la_before, la_after, wall):
 
 # --------------------------------------------------------------------------------- memory
 def _status_mib() -> dict:
-    vals = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM"):
-                vals[k] = int(v.split()[0]) / 1024.0
-    return vals
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+    from ort_training_worker import status_mib
+
+    return status_mib()
 
 
 def _reset_hwm() -> bool:

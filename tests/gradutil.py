@@ -58,6 +58,16 @@ def record_family(family, fd_report=None, torch_err=None):
         WORST_ERRORS[key] = max(WORST_ERRORS.get(key, 0.0), torch_err)
 
 
+def fd_check(model, wrt, feeds, gm, family):
+    """Finite differences of ``gm``: float64 at rtol 1e-4, or the float32 fallback at rtol 1e-3."""
+    report = onnxbp.check_gradients(model, wrt, feeds=feeds, grad_model=gm, rtol=1e-4)
+    if report.precision == "float32":
+        report = onnxbp.check_gradients(model, wrt, feeds=feeds, grad_model=gm, rtol=1e-3)
+    assert report.passed, "\n" + report.table()
+    record_family(family, fd_report=report)
+    return report
+
+
 def assert_fd(model: onnx.ModelProto, wrt=None, feeds=None, rtol: float = 1e-3, **kwargs):
     """Run onnxbp's finite-difference checker and fail with its table."""
     report = onnxbp.check_gradients(model, wrt, feeds=feeds, rtol=rtol, **kwargs)

@@ -27,19 +27,11 @@ import onnxbp
 from gradutil import HAS_TORCH, assert_close, make_model, run_gradient
 from gradutil import record_family as _record
 from gradutil import seed_of as _seed
+from gradutil import fd_check as _fd
 
 TORCH_RTOL, TORCH_ATOL = 2e-5, 1e-6
 
 
-
-
-def _fd(model, wrt, feeds, gm, family):
-    report = onnxbp.check_gradients(model, wrt, feeds=feeds, grad_model=gm, rtol=1e-4)
-    if report.precision == "float32":
-        report = onnxbp.check_gradients(model, wrt, feeds=feeds, grad_model=gm, rtol=1e-3)
-    assert report.passed, "\n" + report.table()
-    _record(family, fd_report=report)
-    return report
 
 
 def _torch_grads(fn, inputs, ups):

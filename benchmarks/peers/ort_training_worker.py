@@ -42,13 +42,19 @@ import time
 import traceback
 
 
-def _rss() -> dict:
+def status_mib() -> dict:
+    """VmRSS and VmHWM of this process in MiB (bench_peers.py imports this too)."""
     vals = {}
     with open("/proc/self/status") as f:
         for line in f:
             k, _, v = line.partition(":")
             if k in ("VmRSS", "VmHWM"):
                 vals[k] = int(v.split()[0]) / 1024.0
+    return vals
+
+
+def _rss() -> dict:
+    vals = status_mib()
     return {"rss": vals.get("VmRSS"), "hwm": vals.get("VmHWM")}
 
 
