@@ -43,7 +43,7 @@ import onnx
 from onnx import numpy_helper
 
 from .engine import gradient
-from .errors import OnnxbpError
+from .errors import OnnxbpError, OptionError
 from .float64 import float64_model
 from .metadata import gradient_names
 from .modelio import ModelLike, cpu_session, first_line, load_model
@@ -198,6 +198,7 @@ def check_gradients(model: ModelLike, wrt: Optional[Sequence[str]] = None, *,
     "float64" or "float32".  Returns a :class:`CheckReport`; ``report.passed``
     tells pass/fail and ``report.table()`` formats it.
     """
+    _check_options(batch_size, rtol, atol, directions, max_elements, precision)
     fwd = load_model(model)
     gm = grad_model if grad_model is not None else gradient(fwd, wrt, **options)
     names = gradient_names(gm)
@@ -270,6 +271,29 @@ def _typical(v: np.ndarray, g: np.ndarray) -> float:
 def _suffix(names: dict) -> str:
     p, n = next(iter(names.items()))
     return n[len(p):]
+
+
+def _check_options(batch_size, rtol, atol, directions, max_elements, precision) -> None:
+    """Refuse options that would make the check empty or meaningless (it would pass having checked nothing)."""
+    def whole(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    problems = []
+    if not whole(batch_size) or batch_size < 1:
+        problems.append(f"batch_size={batch_size!r} (needs a whole number >= 1)")
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if not isinstance(v, (int, float, np.floating)) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
+            problems.append(f"{name}={v!r} (needs a finite number >= 0)")
+    if isinstance(rtol, (int, float)) and isinstance(atol, (int, float)) and rtol == 0 and atol == 0:
+        problems.append("rtol=0 with atol=0 (no finite difference is exact)")
+    if not whole(directions) or directions < 0:
+        problems.append(f"directions={directions!r} (needs a whole number >= 0)")
+    if not whole(max_elements) or max_elements < 1:
+        problems.append(f"max_elements={max_elements!r} (needs a whole number >= 1)")
+    if precision not in ("auto", "float64", "float32"):
+        problems.append(f"precision={precision!r} (choose auto, float64 or float32)")
+    if problems:
+        raise OptionError(f"check_gradients: {'; '.join(problems)}")
 
 
 def _check_f64(p, gname, x, g, values, f, rng, rtol, atol, directions, max_elements) -> GradCheck:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -190,3 +192,19 @@ def test_float64_model_is_valid_and_keeps_the_outputs():
     assert len(names) == len(set(names))
     assert [o.name for o in m.graph.output] == [o.name for o in lenet.graph.output]
     assert not [n for n in m.graph.node if n.op_type == "Conv"]
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    ({"batch_size": 0}, "batch_size=0 (needs a whole number >= 1)"),
+    ({"rtol": float("nan")}, "rtol=nan (needs a finite number >= 0)"),
+    ({"rtol": -1.0}, "rtol=-1.0 (needs a finite number >= 0)"),
+    ({"atol": float("inf")}, "atol=inf (needs a finite number >= 0)"),
+    ({"rtol": 0.0, "atol": 0.0}, "rtol=0 with atol=0 (no finite difference is exact)"),
+    ({"max_elements": 0}, "max_elements=0 (needs a whole number >= 1)"),
+    ({"precision": "float16"}, "precision='float16' (choose auto, float64 or float32)"),
+])
+def test_options_that_would_check_nothing_are_refused(kwargs, text):
+    """A check that passes having checked nothing is worse than none."""
+    with pytest.raises(onnxbp.OptionError) as info:
+        onnxbp.check_gradients(str(Path(__file__).resolve().parent.parent / "models" / "mlp.onnx"), **kwargs)
+    assert str(info.value) == f"check_gradients: {text}"
