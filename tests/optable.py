@@ -559,6 +559,13 @@ TABLE: list = [
     OpInfo("GatherElements", (S("axis1", {"axis": 1}, data=R(3, 4), indices=I64([[0, 3], [1, 1], [3, 0]])),
                               S("axis0", {"axis": 0}, data=R(3, 4), indices=I64([[2, 0, 1, 2], [2, 2, 0, 1]]))),
            ref=lambda a: lambda d, i: _t().gather(d, a.get("axis", 0), i % d.shape[a.get("axis", 0)])),
+    OpInfo("ScatterElements",
+           (S("none-axis1", {"axis": 1}, data=R(3, 4), indices=I64([[0, 3], [1, 2], [3, 0]]), updates=R(3, 2)),
+            _with(S("add-repeats-axis0", {"axis": 0, "reduction": "add"}, data=R(3, 4),
+                    indices=I64([[2, 0, 1, 2], [2, 2, 0, 1]]), updates=R(2, 4)), opsets=(17,))),
+           opsets=(13, 17),
+           ref=lambda a: lambda d, i, u: (_t().scatter_add if a.get("reduction") == "add" else _t().scatter)(
+               d, a.get("axis", 0), i, u)),
     OpInfo("Pad", (_with(S("attr-constant", {"pads": [0, 1, 2, 1, 0, 1], "mode": "constant"}, X=R(2, 3, 4)),
                          opsets=(10,)),
                    _with(S("attr-reflect", {"pads": [0, 1, 2, 0, 1, 2], "mode": "reflect"}, X=R(2, 3, 4)),

@@ -184,3 +184,27 @@ def test_coverage_checks_see_gaps():
     assert missing_entries(reg, table) == ["Relu"]
     assert unchecked_ranges(reg, optable.cases(table)) == ["Softmax opsets 1..12"]
     assert entries_without_rule(reg, table) == ["Shape at opset 17 (no_gradient)"]
+
+
+def test_every_op_a_rule_emits_has_a_registry_entry():
+    """Gradients of gradients (issue 14) need every op a backward graph holds to be differentiable
+    again (or declared no-gradient / not-differentiable).  One case per entry and opset."""
+    from onnxbp.testing import one_node_model
+    from onnxbp.types import FLOAT_TYPES, default_opset
+
+    emitted: dict = {}
+    seen = set()
+    for case in CASES:
+        if case.xfail_reason or (case.entry.name, case.opset) in seen:
+            continue
+        seen.add((case.entry.name, case.opset))
+        s = case.sample
+        model = one_node_model(case.entry.op, case.inputs(), case.attrs, opset=case.opset, outputs=s.outputs,
+                               graph_outputs=s.graph_outputs)
+        wrt = s.wrt or [i.name for i in model.graph.input if i.type.tensor_type.elem_type in FLOAT_TYPES]
+        gm = onnxbp.gradient(model, wrt)
+        for node in gm.graph.node[len(model.graph.node):]:
+            emitted.setdefault((node.op_type, default_opset(gm)), set()).add(case.entry.name)
+    missing = sorted(f"{op} (opset {opset}; emitted by {', '.join(sorted(by))})"
+                     for (op, opset), by in emitted.items() if onnxbp.REGISTRY.lookup(op, "", opset) is None)
+    assert not missing, "ops emitted by rules without a registry entry: " + "; ".join(missing)

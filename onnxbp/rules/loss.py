@@ -22,6 +22,8 @@ product).  Labels and weights get no gradient.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..registry import SMOOTH, register_gradient
 
 
@@ -46,7 +48,8 @@ def softmax_cross_entropy_grad(g):
         if ignore is not None:
             ignored = g.op("Equal", labels, g.const(ignore, like=labels))
             safe = g.op("Where", ignored, g.const(0, like=labels), labels)
-        onehot = g.op("OneHot", safe, g.ints([c]), g.const([0.0, 1.0], like=x), axis=1)
+        # depth as a scalar: the spec also allows a 1-element tensor, but not every runtime does
+        onehot = g.op("OneHot", safe, g.const(c, dtype=np.int64), g.const([0.0, 1.0], like=x), axis=1)
         diff = g.op("Sub", prob, onehot)
         w = None
         if weights is not None:

@@ -292,6 +292,34 @@ def gather_elements_grad(g):
     return [dx, None]
 
 
+@register_gradient("ScatterElements", since=11, smoothness=LINEAR, non_differentiable_inputs=(1,),
+                   lowering="data'=Y' (add) or ScatterElements(Y', indices, zeros) (none); "
+                            "updates'=GatherElements(Y', indices)")
+def scatter_elements_grad(g):
+    """``Y = data`` with ``updates`` written (``none``) or added (``add``) at ``indices`` along ``axis``.
+
+    Linear in (data, updates): with ``add``, ``Y = data + A updates`` (A scatters), so ``data' = Y'``
+    and ``updates' = A^T Y'``, a gather of ``Y'`` at the indices.  With ``none`` the written positions
+    of ``data`` are replaced, so ``data'`` is ``Y'`` with those positions zeroed (a ScatterElements of
+    zeros), and ``updates'`` is the same gather; the spec leaves repeated indices undefined for
+    ``none``, and so is their gradient.  ``mul``/``min``/``max`` are not linear: refused.  This is the
+    op the MaxPool, Gather and runtime-Slice backwards emit, so their gradients can be differentiated
+    again.
+    """
+    idx, upd = g.input(1), g.input(2)
+    reduction = g.attr("reduction", "none")
+    if reduction not in ("none", "add"):
+        g.fail(f"reduction={reduction!r} is not linear; supported: none, add")
+    axis = g.attr("axis", 0)
+    dy = g.grad_output(0)
+    out = [None, None, None]
+    if g.needs_grad(0):
+        out[0] = dy if reduction == "add" else g.op("ScatterElements", dy, idx, g.zeros_like(upd, like=dy), axis=axis)
+    if g.needs_grad(2):
+        out[2] = g.op("GatherElements", dy, idx, axis=axis)
+    return out
+
+
 # ---------------------------------------------------------------- Pad
 @register_gradient("Pad", since=2, smoothness=LINEAR, non_differentiable_inputs=(1, 3),
                    lowering="constant mode: X'=Pad(Y', -pads) (crops the padding, re-pads cropped "
