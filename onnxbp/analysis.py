@@ -193,12 +193,13 @@ def check_path_ops(view: GraphView, on_path: Sequence[onnx.NodeProto]) -> None:
         others = sorted({f"{m.op_type}" for m in missing[1:]} - {n.op_type})
         more = f" (also without rules: {', '.join(others[:6])})" if others else ""
         reg_dom = f", domain={n.domain!r}" if n.domain not in ("", "ai.onnx") else ""
-        captures = view.captures(n)
-        if captures:
+        if view.has_subgraphs(n):
+            captures = view.captures(n)
+            through = (f"its inputs or the outer-scope tensors its body reads: "
+                       f"{', '.join(repr(c) for c in captures[:4])}" if captures else "its inputs")
             raise UnsupportedOpError(
                 f"node '{view.label(n)}' (op {n.op_type}, domain {dom}) has subgraphs and no gradient rule, "
-                f"and a requested gradient flows through it (its inputs or the outer-scope tensors its "
-                f"body reads: {', '.join(repr(c) for c in captures[:4])}); control flow is not "
+                f"and a requested gradient flows through it ({through}); control flow is not "
                 f"differentiated, and differentiating around it would be wrong: request gradients only "
                 f"of tensors that do not reach the outputs through it{more}"
             )

@@ -98,6 +98,10 @@ class GraphView:
         """The outer-scope tensors the node's subgraphs read (empty for nodes without subgraphs)."""
         return list(self._captures.get(id(node), ()))
 
+    def has_subgraphs(self, node: onnx.NodeProto) -> bool:
+        """Control flow: If, Loop, Scan (any node with a graph attribute)."""
+        return id(node) in self._captures
+
     def const_ints(self, name: str) -> Optional[list]:
         value = self.constant_value(name)
         return None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]

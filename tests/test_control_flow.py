@@ -104,3 +104,20 @@ def test_cli_refuses_with_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "out.onnx"
     assert main(["grad", str(src), "-o", str(out)]) == 2
     assert not out.exists()
+
+
+def test_loop_through_its_carried_input_alone_is_refused_as_control_flow():
+    """A body that reads nothing from outside: the gradient reaches the Loop through its carried input."""
+    body = helper.make_graph(
+        [helper.make_node("Tanh", ["acc_in"], ["acc_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body", [_vi("i", TensorProto.INT64, []), _vi("c_in", TensorProto.BOOL, []), _vi("acc_in")],
+        [_vi("c_out", TensorProto.BOOL, []), _vi("acc_out")])
+    model = _model([helper.make_node("Mul", ["x", "W"], ["h"]),
+                    helper.make_node("Loop", ["trip", "", "h"], ["y"], name="loop", body=body)], [_vi("x")], [_vi("y")],
+                   [numpy_helper.from_array(np.array(2, np.int64), "trip"),
+                    numpy_helper.from_array(np.full(3, 0.5, np.float32), "W")])
+    with pytest.raises(onnxbp.UnsupportedOpError) as info:
+        onnxbp.gradient(model)
+    assert str(info.value).startswith("node 'loop' (op Loop, domain ai.onnx) has subgraphs and no gradient rule, "
+                                      "and a requested gradient flows through it (its inputs); control flow is "
+                                      "not differentiated")
