@@ -44,7 +44,7 @@ from onnx import numpy_helper
 
 from .engine import gradient
 from .errors import OnnxbpError, OptionError
-from .float64 import float64_model
+from .float64 import float64_model, reference_runner
 from .metadata import gradient_names
 from .modelio import ModelLike, cpu_session, first_line, load_model
 from .registry import LINEAR, PIECEWISE, REGISTRY, RULE, SMOOTH
@@ -144,16 +144,25 @@ class _Forward:
     def __init__(self, model: onnx.ModelProto, feeds: dict, upstream: dict, params: Sequence[str],
                  precision: str, param_values: Optional[Mapping] = None):
         self.precision = precision
+        self.engine = "onnxruntime"
         m = _params_as_inputs(model, params)
-        if precision == "float64":
-            values = dict(feeds)
-            values.update(param_values or {})
-            m = float64_model(m, values)
-        self.sess = cpu_session(m)
+        self.out_names = [o.name for o in m.graph.output]
         self.dtype = np.float64 if precision == "float64" else None
         self.feeds = {k: self._cast(v) for k, v in feeds.items()}
         self.upstream = upstream
-        self.out_names = [o.name for o in self.sess.get_outputs()]
+        if precision != "float64":
+            self._run = cpu_session(m).run
+            return
+        values = dict(feeds)
+        values.update(param_values or {})
+        try:
+            self._run = cpu_session(float64_model(m, values)).run
+            self(param_values or {})
+        except Exception as exc:  # noqa: BLE001 - no float64 kernel in onnxruntime: onnx.reference, if trusted
+            log.info("onnxruntime cannot run the model in float64 (%s); trying onnx.reference",
+                     first_line(exc, type(exc).__name__)[:120])
+            self._run = reference_runner(m, values)
+            self.engine = "onnx.reference"
 
     def _cast(self, v):
         v = np.asarray(v)
@@ -164,7 +173,7 @@ class _Forward:
     def __call__(self, values: dict) -> tuple:
         feeds = dict(self.feeds)
         feeds.update({k: self._cast(v) for k, v in values.items()})
-        outs = self.sess.run(self.out_names, feeds)
+        outs = self._run(self.out_names, feeds)
         total, mag = 0.0, 0.0
         for name, y in zip(self.out_names, outs):
             if name in self.upstream:
@@ -235,7 +244,7 @@ def check_gradients(model: ModelLike, wrt: Optional[Sequence[str]] = None, *,
             f64(values)
         except Exception as exc:  # noqa: BLE001 - no float64 kernel: fall back
             if precision == "float64":
-                raise OnnxbpError(f"the forward model cannot run in float64 in onnxruntime: "
+                raise OnnxbpError(f"the forward model cannot run in float64 in onnxruntime or onnx.reference: "
                                   f"{first_line(exc, type(exc).__name__)}") from None
             log.info("float64 forward unavailable (%s); using float32 checks",
                      first_line(exc, type(exc).__name__)[:120])
@@ -333,7 +342,8 @@ def _check_f64(p, gname, x, g, values, f, rng, rtol, atol, directions, max_eleme
         passed = passed and err <= atol + rtol * sc
         abs_err, max_rel = max(abs_err, err), max(max_rel, err / sc)
         checks += 1
-    return GradCheck(p, gname, x.shape, "float64 elements+directions", checks, abs_err, max_rel, passed)
+    method = "float64 elements+directions" + (" (onnx.reference)" if f.engine == "onnx.reference" else "")
+    return GradCheck(p, gname, x.shape, method, checks, abs_err, max_rel, passed)
 
 
 def _check_f32(p, gname, x, g, values, f, rng, rtol, atol, directions, smooth) -> GradCheck:

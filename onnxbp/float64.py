@@ -80,6 +80,93 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def reference_runner(model: onnx.ModelProto, feeds: Mapping):
+    """``run(output_names, feeds)`` of ``model`` in float64 by ``onnx.reference``, where onnxruntime has
+    no float64 kernel for an op (Softplus, Softsign, Elu, LeakyRelu, PRelu, Mean, GlobalMaxPool, ...).
+
+    Trusted only where it agrees with onnxruntime on the float32 model at ``feeds`` (normwise 1e-4):
+    raises ``ValueError`` otherwise.  Five kernels of onnx 1.23's reference are replaced where they
+    are wrong for this use (see :func:`_reference_fixes`).  Where the reference agrees only to float32
+    precision, finite differences fail loudly rather than pass: the op table exercises each op.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    fixes = _reference_fixes()
+    names = [o.name for o in model.graph.output]
+    inputs = {i.name for i in model.graph.input}
+    f32 = {k: v for k, v in feeds.items() if k in inputs}
+    ours = ReferenceEvaluator(model, new_ops=fixes).run(names, f32)
+    theirs = cpu_session(model).run(names, f32)
+    for name, a, b in zip(names, ours, theirs):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.shape != b.shape or np.max(np.abs(a - b), initial=0.0) > 1e-4 * max(np.max(np.abs(b), initial=0.0), 1e-3):
+            raise ValueError(f"onnx.reference disagrees with onnxruntime on output {name!r}")
+    return ReferenceEvaluator(to_float64(model), new_ops=fixes).run
+
+
+def _reference_fixes() -> list:
+    """Kernels replacing onnx 1.23 reference ones: BatchNormalization-9 always ran the training formula
+    (momentum has its default), Mean added in place (fails when the first input broadcasts), LRN
+    indexed past the channels for small C, Erf and Gelu computed in float32 precision, Softsign failed
+    on 0-d tensors.  The op table (tests/optable.py) runs every rule op through this path where
+    onnxruntime has no float64 kernel, so a kernel of float32 precision fails there."""
+    import math
+
+    from onnx.reference.op_run import OpRun
+
+    class BatchNormalization(OpRun):
+        op_domain = ""
+
+        def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None, training_mode=None, spatial=None):
+            eps = 1e-5 if epsilon is None else epsilon
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            y = scale.reshape(shape) * (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+            return ((y + bias.reshape(shape)).astype(x.dtype),)
+
+    class Mean(OpRun):
+        op_domain = ""
+
+        def _run(self, *xs):
+            return ((sum(np.broadcast_arrays(*xs)) / len(xs)).astype(xs[0].dtype),)
+
+    class LRN(OpRun):
+        op_domain = ""
+
+        def _run(self, x, alpha=None, beta=None, bias=None, size=None):
+            alpha, beta, bias = (1e-4 if alpha is None else alpha), (0.75 if beta is None else beta), \
+                (1.0 if bias is None else bias)
+            c = x.shape[1]
+            sq = np.zeros_like(x)
+            for i in range(c):
+                lo, hi = max(0, i - (size - 1) // 2), min(c, i + (size - 1) - (size - 1) // 2 + 1)
+                sq[:, i] = np.sum(x[:, lo:hi] ** 2, axis=1)
+            return ((x / (bias + alpha / size * sq) ** beta).astype(x.dtype),)
+
+    class Erf(OpRun):
+        op_domain = ""
+
+        def _run(self, x):
+            return (np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype),)
+
+    class Softsign(OpRun):
+        op_domain = ""
+
+        def _run(self, x):
+            return (x / (1 + np.abs(x)),)
+
+    class Gelu(OpRun):
+        op_domain = ""
+
+        def _run(self, x, approximate=None):
+            if approximate == "tanh":
+                y = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+            else:
+                y = 0.5 * x * (1 + np.vectorize(math.erf, otypes=[np.float64])(x / math.sqrt(2)))
+            return (np.asarray(y).astype(x.dtype),)
+
+    return [BatchNormalization, Mean, LRN, Erf, Softsign, Gelu]
+
+
 def float64_model(model: onnx.ModelProto, feeds: Mapping) -> onnx.ModelProto:
     """``model`` as onnxruntime runs it in float64: :func:`rewrite_ops`, then :func:`to_float64`."""
     return to_float64(rewrite_ops(model, feeds))

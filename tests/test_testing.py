@@ -105,8 +105,14 @@ def test_check_rule_default_wrt_skips_non_differentiable_inputs():
 
 
 def test_check_rule_float32_fallback_has_looser_tolerance():
-    rep = T.check_rule("Softplus", {"X": (3, 4)})  # no float64 Softplus kernel in onnxruntime
+    rep = T.check_rule("Softplus", {"X": (3, 4)}, precision="float32")
     assert rep.passed and rep.fd_precision == "float32" and rep.fd_rtol == 1e-3
+
+
+def test_no_float64_kernel_in_onnxruntime_checks_in_float64_by_onnx_reference():
+    rep = T.check_rule("Softplus", {"X": (3, 4)})  # no float64 Softplus kernel in onnxruntime
+    assert rep.passed and rep.fd_precision == "float64" and rep.fd_rtol == 1e-4
+    assert {r.method for r in rep.fd.results} == {"float64 elements+directions (onnx.reference)"}
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
