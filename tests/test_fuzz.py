@@ -112,56 +112,12 @@ def _to_float64(model: onnx.ModelProto, params) -> onnx.ModelProto:
 
 
 def _reference(model):
-    """onnx.reference with four ops replaced where onnx 1.23's kernels are wrong for this use:
-    BatchNormalization (BatchNormalization_9 runs the training formula whenever momentum has its
-    default, which it always has), Mean, LRN, Erf and Softsign (see each class)."""
+    """onnx.reference with the kernels onnxbp's checker fixes (onnxbp.float64._reference_fixes)."""
     from onnx.reference import ReferenceEvaluator
-    from onnx.reference.op_run import OpRun
 
-    class BatchNormalization(OpRun):
-        op_domain = ""
+    from onnxbp.float64 import _reference_fixes
 
-        def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None, training_mode=None,
-                 spatial=None):
-            eps = 1e-5 if epsilon is None else epsilon
-            shape = (1, -1) + (1,) * (x.ndim - 2)
-            y = scale.reshape(shape) * (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
-            return ((y + bias.reshape(shape)).astype(x.dtype),)
-
-    class Mean(OpRun):           # onnx's Mean adds in place: fails when the first input broadcasts
-        op_domain = ""
-
-        def _run(self, *xs):
-            return ((sum(np.broadcast_arrays(*xs)) / len(xs)).astype(xs[0].dtype),)
-
-    class LRN(OpRun):            # onnx's LRN indexes past the channels for small C
-        op_domain = ""
-
-        def _run(self, x, alpha=None, beta=None, bias=None, size=None):
-            alpha = 1e-4 if alpha is None else alpha
-            beta = 0.75 if beta is None else beta
-            bias = 1.0 if bias is None else bias
-            c = x.shape[1]
-            sq = np.zeros_like(x)
-            for i in range(c):
-                lo, hi = max(0, i - (size - 1) // 2), min(c, i + (size - 1) - (size - 1) // 2 + 1)
-                sq[:, i] = np.sum(x[:, lo:hi] ** 2, axis=1)
-            return ((x / (bias + alpha / size * sq) ** beta).astype(x.dtype),)
-
-    class Erf(OpRun):            # onnx's Erf computes in float32 whatever the input type
-        op_domain = ""
-
-        def _run(self, x):
-            import math
-            return (np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype),)
-
-    class Softsign(OpRun):       # onnx's Softsign works in place: fails on a 0-d tensor
-        op_domain = ""
-
-        def _run(self, x):
-            return (x / (1 + np.abs(x)),)
-
-    return ReferenceEvaluator(model, new_ops=[BatchNormalization, Mean, LRN, Erf, Softsign])
+    return ReferenceEvaluator(model, new_ops=_reference_fixes())
 
 
 def reference_float64_check(model, gm, feeds, rtol=RTOL, atol=1e-5, max_elements=24, seed=0):
