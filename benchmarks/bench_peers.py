@@ -600,12 +600,10 @@ def _status_mib() -> dict:
 
 
 def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+    from ort_training_worker import _reset_hwm as reset
+
+    return reset()
 
 
 def memory_child(side: str, case_dir: str, opt: str, threads: int, steps: int) -> dict:
