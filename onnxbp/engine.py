@@ -231,12 +231,8 @@ class _Build:
         seed_tensors, seed_inputs, new_inputs = {}, [], []
         for t, seed in seed_map.items():
             if isinstance(seed, str) and seed not in existing:
-                if view.names.is_used(seed):
-                    raise NameCollisionError(
-                        f"the model already has a tensor or node named {seed!r}, the name of the upstream "
-                        f"gradient input for {'output ' if suffix_hint else ''}{t!r}"
-                        f"{'; pass another grad_suffix (--grad-suffix)' if suffix_hint else ''}")
-                view.names.reserve(seed)
+                self._claim(seed, f"the upstream gradient input for {'output ' if suffix_hint else ''}{t!r}",
+                            suffix_hint)
                 out_vi = next((o for o in g.output if o.name == t), None)
                 new_inputs.append(self.value_info(seed, t, out_vi.type if out_vi is not None else None))
                 view.infos[seed] = view.info(t)
@@ -251,12 +247,7 @@ class _Build:
                     f"be named {name!r} ({p!r} is differentiated and is also a graph output, so every suffix "
                     f"gives both the same name); give the output its own name (an Identity node) or leave "
                     f"{p!r} out of wrt")
-            if view.names.is_used(name):
-                raise NameCollisionError(
-                    f"the model already has a tensor or node named {name!r}, the name of the gradient "
-                    f"output for {p!r}"
-                    f"{'; pass another grad_suffix (--grad-suffix)' if suffix_hint else ''}")
-            view.names.reserve(name)
+            self._claim(name, f"the gradient output for {p!r}", suffix_hint)
         for t, seed in seed_tensors.items():
             if t in path.active and t in path.useful:
                 if not isinstance(seed, str):
@@ -291,6 +282,14 @@ class _Build:
             check_full(self.model, InternalError, "the backward graph fails the ONNX checker")
         return Backward(self.model, gradients, seed_tensors, seed_inputs, view.infos,
                         len(view.nodes), len(nodes))
+
+    def _claim(self, name: str, what: str, suffix_hint: bool) -> None:
+        """Reserve a name the caller fixes, or raise naming the tensor or node that already has it."""
+        if self.view.names.is_used(name):
+            raise NameCollisionError(
+                f"the model already has a tensor or node named {name!r}, the name of {what}"
+                f"{'; pass another grad_suffix (--grad-suffix)' if suffix_hint else ''}")
+        self.view.names.reserve(name)
 
     def _fill(self, t: str, value: float) -> str:
         """A constant seed for ``t``: a constant of its static shape, else ones of its runtime shape."""

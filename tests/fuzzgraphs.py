@@ -587,12 +587,32 @@ def op_concat(b: Builder) -> bool:
     return True
 
 
-def op_split(b: Builder) -> bool:
+def _try_op(b: "Builder", fn) -> bool:
+    """Add one op with ``fn``; roll the builder back where it fails."""
+    mark = (len(b.nodes), len(b.inits), len(b.int_inits), len(b.pool), len(b.inputs))
+    uses = [t.uses for t in b.pool]
+    if fn(b):
+        return True
+    del b.nodes[mark[0]:], b.inits[mark[1]:], b.int_inits[mark[2]:], b.pool[mark[3]:], b.inputs[mark[4]:]
+    for t, u in zip(b.pool, uses):
+        t.uses = u
+    return False
+
+
+def _pick_static_axis(b: "Builder"):
+    """A tensor with a static axis (of size >= 2, not the batch), that axis and its size; None if none."""
     a = b.pick(lambda t: bool(_static_axes(t, 2)))
     if a is None:
-        return False
+        return None
     axis = b.choice(_static_axes(a, 2))
-    d = a.shape[axis]
+    return a, axis, a.shape[axis]
+
+
+def op_split(b: Builder) -> bool:
+    picked = _pick_static_axis(b)
+    if picked is None:
+        return False
+    a, axis, d = picked
     nparts = int(b.rng.integers(2, min(d, 3) + 1))
     cuts = sorted(int(c) for c in b.rng.choice(np.arange(1, d), size=nparts - 1, replace=False))
     sizes = [y - x for x, y in zip([0] + cuts, cuts + [d])]
@@ -685,11 +705,10 @@ def op_expand_tile(b: Builder) -> bool:
 
 
 def op_gather(b: Builder) -> bool:
-    a = b.pick(lambda t: bool(_static_axes(t, 2)))
-    if a is None:
+    picked = _pick_static_axis(b)
+    if picked is None:
         return False
-    axis = b.choice(_static_axes(a, 2))
-    d = a.shape[axis]
+    a, axis, d = picked
     b.use(a)
     if b.rng.random() < 0.3 and N not in a.shape:
         # GatherElements: indices of a's shape with the axis resized
@@ -901,13 +920,7 @@ def random_case(seed: int, n_nodes: Optional[int] = None) -> Case:
     while len(b.nodes) < target and tries < 400:
         tries += 1
         fn = OPS[int(b.rng.choice(len(OPS), p=weights / weights.sum()))][1]
-        mark = (len(b.nodes), len(b.inits), len(b.int_inits), len(b.pool), len(b.inputs))
-        uses = [t.uses for t in b.pool]
-        if not fn(b):
-            # roll back a failed attempt
-            del b.nodes[mark[0]:], b.inits[mark[1]:], b.int_inits[mark[2]:], b.pool[mark[3]:], b.inputs[mark[4]:]
-            for t, u in zip(b.pool, uses):
-                t.uses = u
+        _try_op(b, fn)
     if b.rng.random() < 0.3:
         consumed = [t for t in b.pool if t.uses > 0 and any(t.name in n.output for n in b.nodes)]
         if consumed:
@@ -948,12 +961,7 @@ def control_flow_case(seed: int) -> Case:
     while len(b.nodes) < target and tries < 200:
         tries += 1
         fn = fns[int(b.rng.choice(len(fns), p=weights / weights.sum()))]
-        mark = (len(b.nodes), len(b.inits), len(b.int_inits), len(b.pool), len(b.inputs))
-        uses = [t.uses for t in b.pool]
-        if not fn(b):
-            del b.nodes[mark[0]:], b.inits[mark[1]:], b.int_inits[mark[2]:], b.pool[mark[3]:], b.inputs[mark[4]:]
-            for t, u in zip(b.pool, uses):
-                t.uses = u
+        _try_op(b, fn)
     variant = ["if_capture", "loop_input", "loop_capture", "if_off", "loop_off"][seed % 5]
     on = variant in ("if_capture", "loop_input", "loop_capture")
     if on:
