@@ -104,9 +104,7 @@ def backward(model: ModelLike, wrt: Optional[Iterable[str]] = None, seeds: SeedS
     (``conv_strategy=...``; ``onnxbp ops``).
     """
     if inplace and isinstance(model, onnx.ModelProto):
-        proto = model
-        if check:
-            onnx.checker.check_model(proto)
+        proto = model  # _Build runs the full check when asked
     else:
         proto = load_model(model, check=check)
     return _Build(proto, registry or REGISTRY, options, check).run(
@@ -207,8 +205,7 @@ class _Build:
         if not seeds:
             raise WrtError("seeds is empty; name the tensors to differentiate (a loss), or pass seeds=None "
                            "(every float output, each with an upstream-gradient input)")
-        known = {o for n in self.view.nodes for o in n.output} | {i.name for i in graph.input} | \
-            {t.name for t in graph.initializer}
+        known = self.view.tensor_names()
         out = {}
         for t, seed in seeds.items():
             if t not in known:
@@ -225,8 +222,7 @@ class _Build:
         view, w = self.view, self.writer
         g = view.graph
         path = analysis.path(view, params, targets)
-        existing = {i.name for i in g.input} | {t.name for t in g.initializer} | \
-            {o for n in g.node for o in n.output}
+        existing = view.tensor_names()
         grads: dict = {}
         seed_tensors, seed_inputs, new_inputs = {}, [], []
         for t, seed in seed_map.items():

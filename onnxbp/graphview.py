@@ -85,6 +85,12 @@ class GraphView:
         tensor = self._constants.get(name) if name else None
         return None if tensor is None else numpy_helper.to_array(tensor)
 
+    def tensor_names(self) -> set:
+        """Every tensor of the forward graph: inputs, initializers and node outputs."""
+        g = self.graph
+        return {i.name for i in g.input} | {t.name for t in g.initializer} | \
+            {o for n in g.node for o in n.output if o}
+
     def inputs(self, node: onnx.NodeProto) -> list:
         """The node's inputs, then the outer-scope tensors its subgraphs (If/Loop/Scan bodies) read.
 
