@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .modelio import skeleton
 from .types import TensorInfo
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,10 @@ _MAX_ELEMENTS = 64  # only small integer tensors are shape vectors
 
 def infer(model: onnx.ModelProto, rounds: int = 32) -> dict:
     """``{tensor name: TensorInfo}`` for every tensor shape inference reaches."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    work = skeleton(model)  # large weights' values never matter to shapes
+    if work is model:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
     infos = tensor_infos(_onnx_infer(work))
     for _ in range(rounds):
         learned = _fold(work, infos)

@@ -233,3 +233,51 @@ def test_models_onnxruntime_cannot_load_are_refused_up_front(tmp_path, capsys, k
     assert main(["grad", str(src), "-o", str(out), "--wrt", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and cli_text in err and not out.exists()
+
+
+# ----------------------------------------------------- checks on a skeleton
+def _big_weight_model():
+    """A MatMul whose 64x32 weight is large enough for modelio.skeleton to take its data out."""
+    w = np.arange(64 * 32, dtype=np.float32).reshape(64, 32) / 1000
+    return make_model([helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")],
+                      [("X", np.float32, [2, 64])], [("Y", np.float32, [2, 32])], {"W": w})
+
+
+def test_skeleton_takes_out_large_weights_only_and_leaves_the_model_alone():
+    from onnxbp.modelio import skeleton
+    model = _big_weight_model()
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(3, np.float32), "small"))
+    before = model.SerializeToString()
+    sk = skeleton(model)
+    assert model.SerializeToString() == before
+    assert [t.name for t in sk.graph.initializer] == ["small"]
+    w_in = next(i for i in sk.graph.input if i.name == "W")
+    assert [d.dim_value for d in w_in.type.tensor_type.shape.dim] == [64, 32]
+    assert onnx.ModelProto.ByteSize(sk) < 1000 < onnx.ModelProto.ByteSize(model) // 8
+    # the gradient of the full model is unchanged by checking on skeletons
+    g = onnxbp.gradient(model, ["W"])
+    assert [t.name for t in g.graph.initializer if t.name == "W"] == ["W"]
+    assert len(onnx.numpy_helper.to_array(next(t for t in g.graph.initializer if t.name == "W"))) == 64
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("short_raw", "TensorProto (tensor name: W) raw_data size (8000 bytes) is too small for the declared shape "
+                  "and type (8192 bytes required)."),
+    ("short_float", "TensorProto (tensor name: W) float_data size (10) is too small for the declared shape "
+                    "(2048 values required)."),
+    ("two_fields", "TensorProto (tensor name: W) should hold its values in exactly one of raw_data and "
+                   "float_data; it has raw_data, float_data"),
+])
+def test_large_weights_taken_out_of_the_checker_are_still_checked(damage, expected):
+    model = _big_weight_model()
+    w = model.graph.initializer[0]
+    if damage == "short_raw":
+        w.raw_data = w.raw_data[:8000]
+    elif damage == "short_float":
+        w.ClearField("raw_data")
+        w.float_data.extend([1.0] * 10)
+    else:
+        w.float_data.extend([1.0] * 2048)
+    with pytest.raises(onnxbp.ModelLoadError) as exc:
+        onnxbp.gradient(model)
+    assert _one_line(exc) == f"the model fails the ONNX checker: {expected}"
