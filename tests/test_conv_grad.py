@@ -321,11 +321,12 @@ def test_auto_picks_per_node(strides, kernel, expect):
 @pytest.mark.parametrize("channels,group,expect", [(8, 1, "patches"), (4, 1, "transpose"),
                                                    (8, 2, "transpose"), (16, 16, "transpose")])
 def test_auto_weight_gradient_lowering(channels, group, expect):
-    """'auto': dW by one Gemm per kernel offset for group-1 convs with >= 8 input channels."""
+    """'auto': dW by one Gemm on the im2col matrix of 9 strided slices for group-1 convs with >= 8
+    input channels."""
     c = _case(2, (6, 6), (3, 3), (1, 1), (1, 1), group=(channels, channels, group), pads=(1, 1, 1, 1))
     ops = [n.op_type for n in onnxbp.gradient(_conv_model(c), ["W"]).graph.node][1:]
     if expect == "patches":
-        assert ops.count("Gemm") == 9 and "Conv" not in ops
+        assert ops.count("Gemm") == 1 and ops.count("Slice") == 9 and "Conv" not in ops
     else:
         assert "Gemm" not in ops and ops.count("Conv") == 1
 

@@ -61,12 +61,12 @@ BPW, seed 001 sections 2.1.1 / 2.2.1 / 2.3.1 / 2.4.1::
       an independent check.
 
   (c) "patches" (seed 001 section 1.2, BPW of MMA ``W' = X^T . Y'``, on the
-      im2col view of section 2.4.1): for each kernel offset r the sum above
-      is one matrix product, ``dW[:, :, r] = dY(M, N*out) . Xr(C, N*out)^T``
-      with ``Xr[c, (b, p)] = Xpad[b, c, p*s + r*d]``: Transpose X to (C, N,
-      n), Pad it, one strided Slice per offset, Reshape (C, N*out), Gemm(dY,
-      Xr, transB=1) -> (M, C); Concat the k^dims results and reorder to (M,
-      C, k).  Only group=1 (grouped convs use (a)).  It avoids ORT's Conv
+      im2col view of section 2.4.1): ``dW(M, C*K) = dY(M, N*out) . Xcol(C*K,
+      N*out)^T`` with ``Xcol[(c, r), (b, p)] = Xpad[b, c, p*s + r*d]``:
+      Transpose X to (C, N, n), Pad it, one strided Slice per kernel offset r
+      (each (C, N*out)), Concat them along axis 1 and Reshape to (C*K, N*out)
+      (rows in W's (c, r) order), one Gemm(dY, Xcol, transB=1), Reshape to
+      (M, C, k).  Only group=1 (grouped convs use (a)).  It avoids ORT's Conv
       with a whole-map kernel and a 3x3 output (a GEMM with 9 columns).
 
 Bias (seed 002 section 3.1.2): dB = ReduceSum(dY, axes=[0, 2, ...]).
@@ -297,27 +297,27 @@ MAX_PATCHES = 64
 
 
 def _bpw_patches(g, x, dy, cv: _Conv):
-    """BPW (c): one Gemm per kernel offset on strided slices of the padded X (group 1)."""
+    """BPW (c): one Gemm of dY with the im2col matrix of strided slices of the padded X (group 1)."""
     sp = list(range(2, cv.rank))
     xt = g.transpose(x, [1, 0] + sp)  # (C, N, n...)
     if any(cv.pads):
         xt = g.op("Pad", xt, g.ints([0, 0] + cv.pb + [0, 0] + cv.pe))
     dyr = g.op("Reshape", g.transpose(dy, [1, 0] + sp), g.ints([cv.m, -1]))  # (M, N*out)
     strided = any(s > 1 for s in cv.s)
-    cols = []
+    pieces = []
     for _offs, starts, ends in ca.kernel_offset_slices(cv.k, cv.s, cv.d, cv.out):
         padded = [n + b + e for n, b, e in zip(cv.n, cv.pb, cv.pe)]
         xr = xt
         if starts != [0] * cv.nsp or ends != padded or strided:
             xr = g.slice(xt, starts, ends, sp, cv.s if strided else None)  # (C, N, out...)
-        xr = g.op("Reshape", xr, g.ints([cv.c, -1]))
-        cols.append(g.op("Gemm", dyr, xr, transB=1))  # (M, C)
-    if len(cols) == 1:
-        return g.op("Reshape", cols[0], g.ints([cv.m, cv.c] + cv.k))
-    dw = g.op("Concat", *cols, axis=1)  # (M, K*C), offset-major
-    dw = g.op("Reshape", dw, g.ints([cv.m, len(cols), cv.c]))
-    dw = g.transpose(dw, [0, 2, 1])
-    return g.op("Reshape", dw, g.ints([cv.m, cv.c] + cv.k))
+        pieces.append(g.op("Reshape", xr, g.ints([cv.c, -1])))  # (C, N*out)
+    # Concat the slices, not the products: (C, K*N*out) is the (C*K, N*out) im2col matrix with rows in
+    # W's (c, r) order, so one Gemm gives dW in its own layout.  Measured against one Gemm per offset
+    # and a Concat + Transpose of the (M, K, C) products, with W a graph input as in a training step
+    # (onnxruntime 1.32, 2 threads; ResNet-18 3x3 shapes, batch 8 and 32): 0.49-0.88x the time.
+    cols = pieces[0] if len(pieces) == 1 else g.op("Reshape", g.op("Concat", *pieces, axis=1),
+                                                  g.ints([cv.c * len(pieces), -1]))
+    return g.op("Reshape", g.op("Gemm", dyr, cols, transB=1), g.ints([cv.m, cv.c] + cv.k))
 
 
 def resolve_strategy(name: str, strides, kernel, group: int = 1, in_channels: int = 0) -> tuple:
