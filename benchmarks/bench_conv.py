@@ -12,6 +12,10 @@ seed / transpose and auto / transpose of the medians.
     python benchmarks/bench_conv.py            # full grid
     python benchmarks/bench_conv.py --quick    # batch 8, 28x28 maps, fewer repeats
     python benchmarks/bench_conv.py --parts    # also time dX alone and dW alone
+    python benchmarks/bench_conv.py --weights-as-inputs --cases wide --sizes 2 4 8 --parts --only-parts
+
+``--weights-as-inputs`` makes W a graph input fed each run, as in a training step (the optimizer
+updates it), so onnxruntime cannot constant-fold the seed form's kernel rotation or prepack kernels.
 """
 
 from __future__ import annotations
@@ -40,10 +44,12 @@ CASES = [
     ("dw 3x3 s1", 64, 64, 3, 1, 1, 64),
     ("dw 3x3 s2", 64, 64, 3, 2, 1, 64),
     ("1x1 s1", 64, 256, 1, 1, 0, 1),
+    ("wide 3x3 s1", 512, 512, 3, 1, 1, 1),   # ResNet-18's last stage: weight-bound on small maps
+    ("wide 3x3 s2", 256, 512, 3, 2, 1, 1),
 ]
 
 
-def conv_model(batch, c, m, size, k, stride, pad, group, rng):
+def conv_model(batch, c, m, size, k, stride, pad, group, rng, weights_as_inputs=False):
     w = (rng.standard_normal((m, c // group, k, k)) * 0.1).astype(np.float32)
     b = rng.standard_normal(m).astype(np.float32)
     node = helper.make_node("Conv", ["X", "W", "B"], ["Y"], kernel_shape=[k, k], strides=[stride] * 2,
@@ -56,6 +62,9 @@ def conv_model(batch, c, m, size, k, stride, pad, group, rng):
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
+    if weights_as_inputs:
+        model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, list(w.shape)))
+        model.graph.initializer.remove(model.graph.initializer[0])
     return model, (batch, m, out, out)
 
 
@@ -73,10 +82,11 @@ def backward_only(gm: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def bench_case(name, batch, size, spec, wrt, repeats, threads, rng):
+def bench_case(name, batch, size, spec, wrt, repeats, threads, rng, weights_as_inputs=False):
     c, m, k, stride, pad, group = spec
-    model, yshape = conv_model(batch, c, m, size, k, stride, pad, group, rng)
+    model, yshape = conv_model(batch, c, m, size, k, stride, pad, group, rng, weights_as_inputs)
     feeds = {"X": rng.standard_normal((batch, c, size, size)).astype(np.float32),
+             "W": (rng.standard_normal((m, c // group, k, k)) * 0.1).astype(np.float32),
              "Y_grad": rng.standard_normal(yshape).astype(np.float32)}
     runs = {}
     for s in STRATEGIES:
@@ -111,15 +121,19 @@ def main(argv=None):
     ap.add_argument("--cases", nargs="+", default=None, metavar="NAME",
                     help="only the cases whose name contains one of these (e.g. 's1' 'stem')")
     ap.add_argument("--only-parts", action="store_true", help="with --parts: skip the dX+dW+dB rows")
+    ap.add_argument("--weights-as-inputs", action="store_true",
+                    help="W is a graph input fed each run (a training step), not an initializer")
+    ap.add_argument("--sizes", nargs="+", type=int, default=None, help="input map sizes (default 56 28)")
+    ap.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default 8 32)")
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
-    batches = (8,) if args.quick else (8, 32)
-    sizes = (28,) if args.quick else (56, 28)
+    batches = args.batches or ((8,) if args.quick else (8, 32))
+    sizes = args.sizes or ((28,) if args.quick else (56, 28))
     parts = [("dX+dW+dB", ["X", "W", "B"])]
     if args.parts:
         parts = parts[1:] if args.only_parts else parts
         parts += [("dX", ["X"]), ("dW", ["W"])]
-    cases = [c for c in CASES if not args.cases or any(f in c[0] for f in args.cases)]
+    cases = [c for c in CASES if (any(f in c[0] for f in args.cases) if args.cases else not c[0].startswith("wide"))]
     rng = np.random.default_rng(0)
     print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads, no spinning, "
           f"{repeats} interleaved repeats; times in ms", file=sys.stderr)
@@ -128,7 +142,8 @@ def main(argv=None):
         for name, *spec in cases:
             for batch in batches:
                 for size in sizes:
-                    r = bench_case(name, batch, size, spec, wrt, repeats, args.threads, rng)
+                    r = bench_case(name, batch, size, spec, wrt, repeats, args.threads, rng,
+                                   args.weights_as_inputs)
                     med = {s: statistics.median(v) for s, v in r.items()}
                     row = (part, name, batch, f"{size}x{size}",
                            *(f"{med[s]:.1f} ({min(r[s]):.1f}-{max(r[s]):.1f})" for s in STRATEGIES),

@@ -382,8 +382,11 @@ def test_cli_flag(tmp_path, capsys, strategy):
     onnx.save(_conv_model(c), src)
     assert main(["grad", str(src), "-o", str(dst), "--wrt", "X", "--conv-strategy", strategy]) == 0
     ops = [n.op_type for n in onnx.load(dst).graph.node]
-    # Stride 2: dX is a ConvTranspose except in the seed form ("patches" only changes dW).
-    assert ("ConvTranspose" in ops) == (strategy in ("transpose", "patches"))
+    # Stride 2: dX is a ConvTranspose in the transpose form, a Conv of the zero-inserted dY in the seed
+    # form, and one Gemm (no Conv at all: the forward Conv is not needed for dX) in the patches form.
+    assert ("ConvTranspose" in ops) == (strategy == "transpose")
+    assert (ops.count("Conv") == 2) == (strategy == "seed")
+    assert (ops.count("Gemm") == 1 and ops.count("Conv") == 1) == (strategy == "patches")
     assert "wrote" in capsys.readouterr().out
 
 

@@ -37,6 +37,16 @@ BPA, seed 001 sections 2.1.2 / 2.2.2 / 2.3.2 / 2.4.2::
       k) -> Transpose -> Reshape (C, Mg, k).  Then Conv(group=g, stride 1,
       dilation d, no pads) -> (N, C, n...).
 
+  (c) "patches" (seed 001 section 1.2, BPA of MMA ``X' = Y' . W^T``, on the
+      im2col view of section 2.4.1, then its adjoint col2im): ``Xcol'(C*K,
+      N*out) = W(M, C*K)^T . dY(M, N*out)``, one Gemm(transA=1) that reads W
+      in its own layout; offset r's rows, zero-inserted at stride s, land at
+      r*d in the padded frame (Pad), the K pieces are summed, the padding is
+      cropped and (C, N, n) transposed to (N, C, n).  Group 1.  It is the
+      form for weight-bound convs (small maps, many channels), where the seed
+      form's per-step kernel rotation and (M, C) transpose of a weight that
+      is a graph input (a training step) cost more than the conv itself.
+
 BPW, seed 001 sections 2.1.1 / 2.2.1 / 2.3.1 / 2.4.1::
 
     dW[m, c, r] = sum_{b, p} dY[b, m, p] * Xpad[b, c, p*s + r*d]
@@ -82,6 +92,11 @@ s1/s2, 1x1 s1/s2, 7x7 s2 stem, depthwise 3x3 s1/s2; batch 8/32; 28x28 and
       Conv with the constant-folded rotated kernel avoids); "transpose"
       otherwise: 2.3-43x faster at stride 2 (the seed form computes on
       1 - 1/s^2 inserted zeros), a tie (0.77-1.72, noise) for 1x1 stride 1.
+      "patches" instead of "seed" (group 1) where the conv is weight-bound,
+      N * prod(padded input) <= M (N = ASSUMED_BATCH when the batch is
+      symbolic): with W a graph input, dX patches/seed 0.59 on 512-channel
+      2x2 maps at batch 8, 1.08 on 4x4 and 1.17 on 8x8 maps (2026-12-01,
+      ``bench_conv.py --weights-as-inputs --cases wide --sizes 2 4 8``).
   dW: "patches" for group-1 convs with at least 8 input channels: whole
       backward patches/transpose 0.42-0.60 for 3x3 s1, 0.80-0.96 for 3x3 s2,
       0.28-0.56 for 1x1 (2026-12-01 run); "transpose" otherwise (the 7x7
@@ -109,10 +124,11 @@ REGISTRY.declare_option(
     help="Conv backward lowering: 'transpose' = dX by ConvTranspose, dW by a channel-swapped Conv "
          "(seed 2.4.1.1); 'seed' = dX by Conv of the zero-inserted, padded dY with the 180-degree "
          "rotated kernel, dW by Conv of that dY with X (seed 2.4.1.2); 'auto' = what measured faster "
-         "on onnxruntime CPU: dX by 'seed' for stride-1 convs with a kernel larger than 1, else "
-         "'transpose'; dW by 'patches' for group-1 convs with at least 8 input channels, else "
-         "'transpose'; 'patches' = dW by one Gemm per kernel offset on strided slices of X "
-         "(seed 1.2 on im2col), dX as in 'auto'",
+         "on onnxruntime CPU: dX by 'seed' for stride-1 convs with a kernel larger than 1 ('patches' "
+         "where the conv is weight-bound), else 'transpose'; dW by 'patches' for group-1 convs with "
+         "at least 8 input channels, else 'transpose'; 'patches' = dW by one Gemm on the im2col "
+         "matrix of strided slices of X "
+         "(seed 1.2 on im2col), dX by one Gemm with W^T and col2im (group 1; else as in 'auto')",
 )
 
 
@@ -168,24 +184,30 @@ class _Conv:
         return zip(self.n, self.k, self.s, self.d, self.pb, self.pe)
 
 
+def _zero_insert(g, t, out, strides):
+    """(A, B, out...) -> (A, B, out*s...): s-1 zeros after every element of each strided spatial axis
+    (Unsqueeze a new axis after it, Pad that axis with s-1 zeros, Reshape)."""
+    strided = [i for i, s in enumerate(strides) if s > 1]
+    if not strided:
+        return t
+    new_axes, pos = [], 2
+    for i in range(len(out)):
+        pos += 1
+        if strides[i] > 1:
+            new_axes.append(pos)
+            pos += 1
+    t = g.unsqueeze(t, new_axes)
+    zpad = [0] * (2 * pos)
+    for ax, i in zip(new_axes, strided):
+        zpad[pos + ax] = strides[i] - 1
+    t = g.op("Pad", t, g.ints(zpad))  # constant 0 (opset >= 11: min_opset)
+    return g.op("Reshape", t, g.ints([0, 0] + [o * s for o, s in zip(out, strides)]))
+
+
 def _dilate_and_pad(g, dy, cv: _Conv):
     """Seed BPA steps 1-2: zero-insert dY (stride-1 zeros), pad/crop by conv_arith.bpa_pads."""
-    t, length = dy, list(cv.out)
-    strided = [i for i in range(cv.nsp) if cv.s[i] > 1]
-    if strided:
-        new_axes, pos = [], 2
-        for i in range(cv.nsp):
-            pos += 1
-            if cv.s[i] > 1:
-                new_axes.append(pos)
-                pos += 1
-        t = g.unsqueeze(t, new_axes)
-        zpad = [0] * (2 * pos)
-        for ax, i in zip(new_axes, strided):
-            zpad[pos + ax] = cv.s[i] - 1
-        t = g.op("Pad", t, g.ints(zpad))  # constant 0 (opset >= 11: min_opset)
-        length = [o * s for o, s in zip(cv.out, cv.s)]
-        t = g.op("Reshape", t, g.ints([0, 0] + length))
+    t = _zero_insert(g, dy, cv.out, cv.s)
+    length = [o * s for o, s in zip(cv.out, cv.s)]
     begin, end = [], []
     for i, a in enumerate(cv._axes()):
         b, e = ca.bpa_pads(*a)
@@ -220,6 +242,39 @@ def _bpa_transpose(g, dy, cv: _Conv):
     op = [ca.transpose_output_padding(*a) for a in cv._axes()]
     return g.op("ConvTranspose", dy, cv.w, strides=cv.s, dilations=cv.d, pads=cv.pads,
                 group=cv.group, output_padding=op if any(op) else None)
+
+
+def _bpa_patches(g, dy, cv: _Conv):
+    """BPA (c): the adjoint of the im2col view.  One Gemm ``Xcol'(C*K, N*out) = W(M, C*K)^T .
+    dY(M, N*out)`` (W read in its own layout: no rotation, no transpose), then col2im: offset r's rows,
+    zero-inserted at stride s, are placed at r*d in the padded frame (Pad), the K pieces summed, the
+    padding cropped, and (C, N, n...) transposed to (N, C, n...).  Group 1."""
+    sp = list(range(2, cv.rank))
+    nk = 1
+    for k in cv.k:
+        nk *= k
+    dyr = g.op("Reshape", g.transpose(dy, [1, 0] + sp), g.ints([cv.m, -1]))  # (M, N*out)
+    w2 = g.op("Reshape", cv.w, g.ints([cv.m, cv.c * nk]))
+    cols = g.op("Gemm", w2, dyr, transA=1)  # (C*K, N*out), rows (c, r)
+    cols = g.op("Reshape", cols, g.ints([cv.c * nk, -1] + cv.out))  # (C*K, N, out...)
+    cols = _zero_insert(g, cols, cv.out, cv.s)  # (C*K, N, out*s...)
+    cols = g.op("Reshape", cols, g.ints([cv.c, nk, -1] + [o * s for o, s in zip(cv.out, cv.s)]))
+    padded = [n + b + e for n, b, e in zip(cv.n, cv.pb, cv.pe)]
+    pieces = []
+    for r, (_offs, starts, _ends) in enumerate(ca.kernel_offset_slices(cv.k, cv.s, cv.d, cv.out)):
+        piece = g.op("Reshape", g.slice(cols, [r], [r + 1], [1]),
+                     g.ints([cv.c, -1] + [o * s for o, s in zip(cv.out, cv.s)]))  # (C, N, out*s...)
+        # piece[.., q] lands at padded position starts + q; the s-1 zeros after the last element
+        # may reach past the frame: crop them, pad the rest with zeros
+        end = [p - b - o * s for p, b, o, s in zip(padded, starts, cv.out, cv.s)]
+        cb, ce, pb, pe = ca.split_pads([0] * cv.nsp, end)
+        if any(ce):
+            piece = g.slice(piece, [0] * cv.nsp, [o * s - c for o, s, c in zip(cv.out, cv.s, ce)], sp)
+        pieces.append(g.pad(piece, [0, 0] + starts + [0, 0] + pe))
+    t = pieces[0] if len(pieces) == 1 else g.op("Sum", *pieces)  # (C, N, padded...)
+    if any(cv.pads):
+        t = g.slice(t, list(cv.pb), [b + n for b, n in zip(cv.pb, cv.n)], sp)
+    return g.transpose(t, [1, 0] + sp)
 
 
 def _bpa_seed(g, zp, cv: _Conv):
@@ -320,8 +375,16 @@ def _bpw_patches(g, x, dy, cv: _Conv):
     return g.op("Reshape", g.op("Gemm", dyr, cols, transB=1), g.ints([cv.m, cv.c] + cv.k))
 
 
-def resolve_strategy(name: str, strides, kernel, group: int = 1, in_channels: int = 0) -> tuple:
-    """(BPA lowering, BPW lowering) for a conv_strategy choice; "auto" per the module docstring."""
+#: The batch size the lowering choice assumes where the batch is symbolic.
+ASSUMED_BATCH = 32
+
+
+def resolve_strategy(name: str, strides, kernel, group: int = 1, in_channels: int = 0,
+                     weight_bound: bool = False) -> tuple:
+    """(BPA lowering, BPW lowering) for a conv_strategy choice; "auto" per the module docstring.
+
+    ``weight_bound``: the padded input map times the batch is no larger than the output channels
+    (:func:`weight_bound`), where "auto" takes dX by "patches" instead of "seed" (group 1)."""
     n_offsets = 1
     for k in kernel:
         n_offsets *= k
@@ -329,10 +392,21 @@ def resolve_strategy(name: str, strides, kernel, group: int = 1, in_channels: in
     if name in ("auto", "patches"):
         seed_dx = all(s == 1 for s in strides) and any(k > 1 for k in kernel)
         bpa = "seed" if seed_dx else "transpose"
+        if patches_ok and (name == "patches" or (weight_bound and seed_dx)):
+            bpa = "patches"
         if name == "patches":
             return bpa, ("patches" if patches_ok else "transpose")
         return bpa, ("patches" if patches_ok and in_channels >= 8 else "transpose")
     return name, name
+
+
+def weight_bound(batch, padded, out_channels: int) -> bool:
+    """N * prod(padded input) <= M: col2im moves no more than the K*M*C elements that the seed form's
+    kernel rotation and transpose move (``batch`` None: ASSUMED_BATCH)."""
+    n = batch if isinstance(batch, int) else ASSUMED_BATCH
+    for p in padded:
+        n *= p
+    return n <= out_channels
 
 
 @register_gradient("Conv", smoothness=LINEAR, min_opset=11,
@@ -345,12 +419,19 @@ def conv_grad(g):
     grads = [None, None, None]
     if want[0] or want[1]:
         cv = _Conv(g)
-        bpa, bpw = resolve_strategy(g.option("conv_strategy"), cv.s, cv.k, cv.group, cv.c)
+        padded = [n + b + e for n, b, e in zip(cv.n, cv.pb, cv.pe)]
+        bpa, bpw = resolve_strategy(g.option("conv_strategy"), cv.s, cv.k, cv.group, cv.c,
+                                    weight_bound((g.shape(x) or [None])[0], padded, cv.m))
         zp = None
         if (want[0] and bpa == "seed") or (want[1] and bpw == "seed"):
             zp = _dilate_and_pad(g, dy, cv)
         if want[0]:
-            grads[0] = _bpa_transpose(g, dy, cv) if bpa == "transpose" else _bpa_seed(g, zp, cv)
+            if bpa == "transpose":
+                grads[0] = _bpa_transpose(g, dy, cv)
+            elif bpa == "patches":
+                grads[0] = _bpa_patches(g, dy, cv)
+            else:
+                grads[0] = _bpa_seed(g, zp, cv)
         if want[1]:
             bpw_fn = {"transpose": _bpw_transpose, "patches": _bpw_patches}.get(bpw)
             grads[1] = bpw_fn(g, x, dy, cv) if bpw_fn else _bpw_seed(g, x, zp, cv)
