@@ -218,6 +218,61 @@ def build_step_model(model: ModelLike, *, loss: str = "cross_entropy", optimizer
     return StepModel(m, spec, st.initial, loaded)
 
 
+#: Ops that may write their output into the buffer of an input they read: each output element
+#: depends only on the same element of the inputs (onnxruntime's elementwise kernels).
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Identity", "Sqrt", "Neg"}
+
+
+def in_place_updates(model: onnx.ModelProto, spec: StepSpec) -> list:
+    """The optimizer state tensors whose next value may be written over the current one.
+
+    State ``s`` (momentum, Adam moments) with next value ``o`` qualifies when every node that reads
+    ``s`` runs before the node ``P`` that writes ``o`` because ``P`` depends on it (a reader is
+    an ancestor of ``P``), or is ``P`` itself and elementwise.  onnxruntime writes a bound output
+    only when its node runs, so binding ``o`` to ``s``'s buffer gives the same values with one
+    buffer instead of two (the :class:`Trainer` double-buffers everything else).  Parameters do
+    not qualify: the backward reads them (dX of a Conv or Gemm reads W) on paths that do not lead
+    to their update.
+    """
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return []
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    out = []
+    for names in spec.state.values():
+        for s in names.values():
+            o = spec.updates.get(s)
+            p = producer.get(o)
+            if p is None or o in spec.updates:
+                continue
+            rs = [r for r in readers.get(s, []) if r is not p]
+            if s in p.input and p.op_type not in _ELEMENTWISE:
+                continue
+            if all(_reaches(r, p, readers) for r in rs):
+                out.append(s)
+    return out
+
+
+def _reaches(src: onnx.NodeProto, dst: onnx.NodeProto, consumers: dict, limit: int = 256) -> bool:
+    """Whether ``dst`` depends on ``src`` (a search of at most ``limit`` nodes: an optimizer chain is
+    short; a longer search answers no, which only costs a buffer)."""
+    seen, todo = set(), [src]
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        for o in n.output:
+            for c in consumers.get(o, ()):
+                if c is dst:
+                    return True
+                if id(c) not in seen:
+                    seen.add(id(c))
+                    todo.append(c)
+    return False
+
+
 def _loss_output(fwd: onnx.ModelProto, output: Optional[str]) -> onnx.ValueInfoProto:
     outs = list(fwd.graph.output)
     if output is None:

@@ -24,7 +24,7 @@ from ..types import TensorInfo, default_opset, np_dtype, value_info_dims
 from ..writer import GraphWriter, value_info
 from .losses import add_loss
 from .optimizers import AdamW
-from .step import StepModel, build_step_model
+from .step import StepModel, build_step_model, in_place_updates
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,15 @@ class Trainer:
         self._carried = list(self.spec.updates)
         self._a = {}
         self._b = {}
+        # Carried tensors are double-buffered (read from _a, written to _b, swapped after the step),
+        # except optimizer state that step.in_place_updates shows may be overwritten by its update.
+        self.in_place = set(in_place_updates(self.step_model.model, self.spec))
         for name in self._carried:
             arr = np.ascontiguousarray(self.step_model.initial[name])
             self._a[name] = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), arr.dtype)
             self._a[name].update_inplace(arr)
-            self._b[name] = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), arr.dtype)
+            self._b[name] = (self._a[name] if name in self.in_place
+                             else ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), arr.dtype))
         self._loss_value = ort.OrtValue.ortvalue_from_shape_and_type([], np.float32)
         self._binding = self.session.io_binding()
         self._eval_binding = self.eval_session.io_binding()
