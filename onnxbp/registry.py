@@ -12,7 +12,7 @@ Every op onnxbp knows has exactly one outcome per (domain, op_type, opset):
     raises :class:`NotDifferentiableError`.
 ``not_differentiable``
     The op sits on a differentiable path but has no meaningful gradient
-    (ArgMax, Round, ...).  Requesting a gradient through it raises.
+    (ArgMax, ArgMin: indices).  Requesting a gradient through it raises.
 
 Rules are registered by the :func:`register_gradient` decorator next to the
 rule; registering the same op twice for overlapping opsets is an error unless

@@ -400,6 +400,126 @@ def _sce_ref(a):
     return f
 
 
+def _torch_resize(a):
+    """torch.nn.functional.interpolate for the Resize configurations torch has (the table only asks those).
+
+    nearest: asymmetric + floor is torch's ``nearest``, half_pixel + round_prefer_ceil its
+    ``nearest-exact``; linear / cubic (a = -0.75, exclude_outside 0): pytorch_half_pixel or half_pixel
+    (no output dim of 1) is ``align_corners=False``, align_corners ``True``.  The batch and channel
+    axes are not resized.
+    """
+    def f(x, *rest):
+        F = _F()
+        scales, sizes = (rest[0], None) if len(rest) == 1 else ((list(rest) + [None] * 3)[1:3])
+        nsp = x.dim() - 2
+        mode = a.get("mode", "nearest")
+        coord = a.get("coordinate_transformation_mode", "half_pixel")
+        kw = {}
+        if sizes is not None:
+            kw["size"] = _ints(sizes)[-nsp:]
+        else:
+            s = [float(v) for v in scales.tolist()]
+            assert s[:len(s) - nsp] == [1.0] * (len(s) - nsp), "the table resizes spatial axes only"
+            kw["scale_factor"] = s[-nsp:]
+        if mode == "nearest":
+            tmode = {"asymmetric": "nearest", "half_pixel": "nearest-exact"}[coord]
+        else:
+            tmode = ({1: "linear", 2: "bilinear", 3: "trilinear"}[nsp] if mode == "linear" else "bicubic")
+            kw["align_corners"] = coord == "align_corners"
+        return F.interpolate(x, mode=tmode, **kw)
+    return f
+
+
+def _resize_samples(scales_ok: tuple, sizes_ok: tuple, x=(1, 2, 4, 5)):
+    """Samples for one Resize opset: scales up / down / mixed and sizes, in the node-input order."""
+    def build(opset):
+        out = []
+        for name, sc in scales_ok:
+            sc = constant(np.array(sc, F32))
+            roi = constant(np.zeros(0, F32)) if opset == 11 else None  # opset 11: roi is not optional
+            inputs = dict(X=R(*x), scales=sc) if opset == 10 else dict(X=R(*x), roi=roi, scales=sc)
+            out.append(_with(S(name, **inputs), opsets=(opset,)))
+        if opset > 10:
+            for name, sz in sizes_ok:
+                empty = constant(np.zeros(0, F32))
+                inputs = (dict(X=R(*x), roi=empty, scales=empty, sizes=I64(sz)) if opset == 11
+                          else dict(X=R(*x), roi=None, scales=None, sizes=I64(sz)))
+                out.append(_with(S(name, **inputs), opsets=(opset,)))
+        return out
+    return build
+
+
+_RESIZE_SCALES = (("up", [1, 1, 2, 1.5]), ("down", [1, 1, 0.5, 0.75]), ("mixed", [1, 1, 1.7, 0.6]))
+_RESIZE_SIZES = (("sizes", [1, 2, 7, 3]),)
+
+
+def _resize_entry(variant, attrs, opsets, ref=True, scales=_RESIZE_SCALES, sizes=_RESIZE_SIZES, **kw) -> OpInfo:
+    build = _resize_samples(scales, sizes)
+    samples = tuple(s for o in opsets for s in build(o))
+    return OpInfo("Resize", samples, opsets=opsets, attrs=attrs, ref=_torch_resize if ref else None,
+                  variant=variant, **kw)
+
+
+def _resize_cases(opset, rows) -> tuple:
+    """One-off Resize samples ``(name, attrs, X shape, scales or None, sizes or None, roi or None)``."""
+    out = []
+    for name, attrs, shape, sc, sz, roi in rows:
+        c = (lambda v: None if v is None else constant(np.array(v, F32)))
+        if opset == 10:
+            inputs = dict(X=R(*shape), scales=c(sc))
+        else:
+            empty = constant(np.zeros(0, F32)) if opset == 11 else None  # opset 11: roi, scales required
+            inputs = dict(X=R(*shape), roi=c(roi) if roi is not None else empty,
+                          scales=c(sc) if sc is not None else empty, sizes=None if sz is None else I64(sz))
+        out.append(_with(S(name, attrs, **inputs), opsets=(opset,)))
+    return tuple(out)
+
+
+def _mod_operands(shape_a, shape_b, seed):
+    """(A, B) with |B| in [0.5, 2] and the fractional part of |A / B| in [0.2, 0.8]: Mod's jumps
+    (A / B an integer) stay far from every finite-difference step."""
+    rng = np.random.default_rng(seed)
+    b = (rng.choice([-1.0, 1.0], shape_b) * rng.uniform(0.5, 2.0, shape_b))
+    shape = np.broadcast_shapes(shape_a, shape_b)
+    q = rng.choice([-1.0, 1.0], shape) * (rng.integers(0, 4, shape) + rng.uniform(0.2, 0.8, shape))
+    a = q * b
+    assert a.shape == tuple(shape_a), "A must carry the broadcast shape"
+    return a.astype(F32), b.astype(F32)
+
+
+def _mod_samples(_):
+    out = []
+    for name, sa, sb in (("same", (2, 3), (2, 3)), ("bcast-B", (2, 3, 4), (3, 1)), ("scalar-B", (3, 2), ())):
+        a, b = _mod_operands(sa, sb, zlib.crc32(name.encode()))
+        out.append(S(name, A=a, B=b))
+    return tuple(out)
+
+
+def _cumsum_ref(a):
+    def f(x, axis):
+        ax = int(axis) % x.dim()
+        rev, excl = a.get("reverse", 0), a.get("exclusive", 0)
+        src = x.flip(ax) if rev else x
+        y = src.cumsum(ax) - (src if excl else 0)
+        return y.flip(ax) if rev else y
+    return f
+
+
+def _nd_index(i):
+    return tuple(i[..., k] for k in range(i.shape[-1]))
+
+
+def _einsum_samples(_):
+    rows = (("ij,jk->ik", (2, 3), (3, 4)), ("bij,bjk->bik", (2, 2, 3), (2, 3, 2)),
+            ("bhqd,bhkd->bhqk", (1, 2, 3, 4), (1, 2, 2, 4)), ("ij,j->i", (3, 4), (4,)), ("i,i->", (4,), (4,)),
+            ("ij,jk", (2, 3), (3, 4)), ("...ij,...jk->...ik", (2, 2, 3), (2, 3, 2)), ("ij->ji", (2, 3)),
+            ("ij->", (2, 3)), ("ijk->ik", (2, 3, 4)), ("ij,kj->i", (2, 3), (4, 3)),
+            ("ab,bc,cd->ad", (2, 3), (3, 2), (2, 4)),
+            ("i,j->ij", (3,), (2,)))
+    return tuple(S(eq.replace(",", "_").replace("->", "-to-").replace("...", "ell"), {"equation": eq},
+                   **{f"X{k}": R(*sh) for k, sh in enumerate(shapes)}) for eq, *shapes in rows)
+
+
 def _lrn_ref(a):
     return lambda x: _F().local_response_norm(x, a["size"], a.get("alpha", 1e-4), a.get("beta", 0.75),
                                                a.get("bias", 1.0))
@@ -685,6 +805,104 @@ TABLE: list = [
     # top two values of each window well apart ("spaced").
     OpInfo("GlobalMaxPool", (S("2d", X=R(2, 3, 4, 5, domain="spaced")), S("1d", X=R(2, 3, 5, domain="spaced"))),
            ref=lambda a: lambda x: x.amax(list(range(2, x.dim())), keepdim=True)),
+    # ---------------------------------------------------------- scans, triangles, N-D gathers, Einsum
+    OpInfo("CumSum", (S("axis1", X=R(3, 4), axis=I64(1)), S("axis-neg", X=R(2, 3, 4), axis=I64(-3)),
+                      S("1d", X=R(5), axis=constant(np.array(0, np.int32)))),
+           opsets=(11, 14), attrs=({}, {"exclusive": 1}, {"reverse": 1}, {"exclusive": 1, "reverse": 1}),
+           ref=_cumsum_ref),
+    OpInfo("Trilu", (S("default-k", X=R(3, 4)), S("k1", X=R(3, 4), k=I64(1)), S("k-2-batched", X=R(2, 4, 3), k=I64(-2)),
+                     S("k-past-edge", X=R(3, 4), k=I64(5))),
+           opsets=(14,), attrs=({}, {"upper": 0}),
+           ref=lambda a: lambda x, k=None: (_t().triu if a.get("upper", 1) else _t().tril)(
+               x, 0 if k is None else int(k))),
+    OpInfo("GatherND", (S("points-repeated", data=R(3, 4, 2), indices=I64([[0, 1], [2, 3], [0, 1]])),
+                        S("slices-negative", data=R(3, 4, 2), indices=I64([[1], [-1], [1]])),
+                        S("batched-indices", data=R(3, 4), indices=I64([[[0, 3], [2, 2]], [[1, 0], [0, 3]]]))),
+           opsets=(13, 17), ref=lambda a: lambda d, i: d[_nd_index(i % _t().tensor(d.shape[:i.shape[-1]]))]),
+    OpInfo("ScatterND", (S("none-rows", data=R(4, 3), indices=I64([[1], [3]]), updates=R(2, 3)),
+                         S("none-points", data=R(4, 3), indices=I64([[0, 2], [3, 1]]), updates=R(2)),
+                         _with(S("add-repeats", {"reduction": "add"}, data=R(4, 3), indices=I64([[1], [1], [0]]),
+                                 updates=R(3, 3)), opsets=(16, 18))),
+           opsets=(13, 16, 18),
+           ref=lambda a: lambda d, i, u: d.index_put(_nd_index(i), u, accumulate=a.get("reduction") == "add")),
+    OpInfo("Einsum", _einsum_samples, opsets=(12, 17), ref=lambda a: lambda *xs: _t().einsum(a["equation"], *xs)),
+    # ---------------------------------------------------------- Mod (Floor, Ceil, Round, Sign pass no gradient)
+    OpInfo("Mod", _mod_samples, opsets=(10, 13, 28), attrs=({"fmod": 1},), variant="fmod",
+           ref=lambda a: lambda x, y: _t().fmod(x, y)),
+    OpInfo("Mod", _mod_samples, opsets=(28,), attrs=({}, {"fmod": 0}), variant="floor",
+           ref=lambda a: lambda x, y: _t().remainder(x, y), note="float Mod with fmod=0 needs opset 28"),
+    # ---------------------------------------------------------- resampling (Resize: exhaustive grid in
+    # tests/test_resize_arith.py; symbolic batch, runtime sizes and refusals in tests/test_resize_grad.py)
+    _resize_entry("torch-linear", tuple({"mode": "linear", "coordinate_transformation_mode": c}
+                                        for c in ("half_pixel", "pytorch_half_pixel", "align_corners")),
+                  (11, 13, 19)),
+    _resize_entry("torch-cubic", tuple({"mode": "cubic", "coordinate_transformation_mode": c}
+                                       for c in ("half_pixel", "align_corners")), (13, 18)),
+    _resize_entry("torch-nearest", ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
+                                     "nearest_mode": "floor"},
+                                    {"mode": "nearest", "coordinate_transformation_mode": "half_pixel",
+                                     "nearest_mode": "round_prefer_ceil"}),
+                  (11, 13), scales=(("up", [1, 1, 2, 3]), ("down", [1, 1, 0.5, 0.5])),
+                  sizes=(("sizes", [1, 2, 8, 10]),)),
+    _resize_entry("nearest-modes", tuple({"mode": "nearest", "coordinate_transformation_mode": c, "nearest_mode": m}
+                                         for c in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
+                                         for m in ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")),
+                  (13,), ref=False, scales=(("mixed", [1, 1, 1.7, 0.6]),), sizes=(("sizes", [1, 2, 7, 3]),)),
+    _resize_entry("fd-coordinate-modes", tuple({"mode": m, "coordinate_transformation_mode": c}
+                                               for m in ("linear", "cubic")
+                                               for c in ("asymmetric", "half_pixel_symmetric")), (19,), ref=False),
+    OpInfo("Resize", _resize_cases(10, (("nearest-up", {"mode": "nearest"}, (1, 2, 3, 4), [1, 1, 2, 1.5], None, None),
+                                        ("nearest-down", {"mode": "nearest"}, (1, 2, 4, 5), [1, 1, 0.5, 0.6], None,
+                                         None),
+                                        ("linear-up", {"mode": "linear"}, (1, 2, 3, 4), [1, 1, 2, 1.5], None, None),
+                                        ("linear-down", {"mode": "linear"}, (1, 2, 4, 5), [1, 1, 0.5, 0.6], None,
+                                         None))),
+           opsets=(10,), variant="opset10", note="asymmetric coordinates, nearest rounds down (ceil when downscaling)"),
+    OpInfo("Resize", _resize_cases(11, (
+        ("tf_half_pixel_for_nn", {"mode": "nearest", "coordinate_transformation_mode": "tf_half_pixel_for_nn"},
+         (1, 2, 4, 5), [1, 1, 1.7, 0.6], None, None),
+        ("crop-linear", {"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize",
+                         "extrapolation_value": 2.0}, (1, 2, 4, 5), None, [1, 2, 5, 3],
+         [0, 0, -0.2, 0.3, 1, 1, 0.9, 1.4]),
+        ("crop-nearest", {"mode": "nearest", "coordinate_transformation_mode": "tf_crop_and_resize"},
+         (1, 2, 4, 5), None, [1, 2, 6, 4], [0, 0, 0.1, -0.3, 1, 1, 0.8, 0.9]))),
+           opsets=(11,), variant="opset11-modes"),
+    OpInfo("Resize", _resize_cases(13, (
+        ("cubic-exclude-a", {"mode": "cubic", "exclude_outside": 1, "cubic_coeff_a": -0.5}, (1, 2, 4, 5),
+         [1, 1, 1.7, 0.6], None, None),
+        ("cubic-crop", {"mode": "cubic", "coordinate_transformation_mode": "tf_crop_and_resize"}, (1, 2, 4, 5),
+         [1, 1, 2, 1.5], None, [0, 0, 0.2, -0.1, 1, 1, 0.9, 1.2]),
+        ("linear-2d", {"mode": "linear"}, (4, 5), [1.5, 0.8], None, None),
+        ("cubic-2d", {"mode": "cubic"}, (4, 5), None, [6, 3], None),
+        ("linear-3d-all-axes", {"mode": "linear"}, (3, 4, 5), [1.5, 0.5, 1.2], None, None),
+        ("linear-5d", {"mode": "linear", "coordinate_transformation_mode": "align_corners"}, (1, 2, 3, 4, 3),
+         [1, 1, 1.5, 0.75, 2], None, None),
+        ("nearest-5d-channels", {"mode": "nearest"}, (1, 2, 3, 2, 3), [1, 2, 1.5, 1, 2], None, None),
+        ("nearest-rank1", {"mode": "nearest", "coordinate_transformation_mode": "asymmetric"}, (5,), [1.6], None, None),
+        ("nearest-batch-axis", {"mode": "nearest"}, (2, 3, 4), [2, 1, 0.5], None, None),
+        ("identity-scales", {"mode": "linear"}, (1, 2, 3, 4), [1, 1, 1, 1], None, None),
+        ("identity-sizes", {"mode": "cubic"}, (1, 2, 3, 4), None, [1, 2, 3, 4], None),
+        ("same-size-scale", {"mode": "linear"}, (1, 2, 10, 4), [1, 1, 1.05, 1], None, None))),
+           opsets=(13,), variant="opset13-shapes", note="a scale whose output size equals the input's is a copy"),
+    OpInfo("Resize", _resize_cases(18, (
+        ("axes-scales", {"mode": "linear", "axes": [2, 3]}, (2, 2, 4, 5), [2, 0.6], None, None),
+        ("axes-negative-sizes", {"mode": "nearest", "axes": [-1]}, (2, 2, 4, 5), None, [8], None),
+        ("not_larger", {"mode": "linear", "axes": [2, 3], "keep_aspect_ratio_policy": "not_larger"},
+         (1, 2, 4, 5), None, [7, 7], None),
+        ("not_smaller", {"mode": "cubic", "axes": [2, 3], "keep_aspect_ratio_policy": "not_smaller"},
+         (1, 2, 4, 5), None, [6, 6], None),
+        ("not_larger-all-axes", {"mode": "nearest", "keep_aspect_ratio_policy": "not_larger"},
+         (1, 2, 4, 5), None, [2, 4, 6, 6], None),
+        ("crop-axes", {"mode": "linear", "axes": [3, 2], "coordinate_transformation_mode": "tf_crop_and_resize"},
+         (1, 2, 4, 5), None, [4, 6], [0.1, -0.2, 0.9, 1.1]))),
+           opsets=(18,), variant="opset18-axes-policy"),
+    OpInfo("Resize", _resize_cases(19, (
+        ("half_pixel_symmetric-nearest", {"mode": "nearest", "coordinate_transformation_mode": "half_pixel_symmetric"},
+         (1, 2, 4, 5), [1, 1, 1.7, 0.6], None, None),
+        ("half_pixel_symmetric-sizes", {"mode": "linear", "coordinate_transformation_mode": "half_pixel_symmetric",
+                                        "axes": [2, 3], "keep_aspect_ratio_policy": "not_larger"},
+         (1, 2, 4, 5), None, [7, 9], None))),
+           opsets=(19,), variant="opset19-symmetric"),
     # ---------------------------------------------------------- normalisation, dropout
     OpInfo("BatchNormalization",
            (S("inference-4d", X=R(2, 3, 4, 3), scale=R(3, domain="positive"), B=R(3), mean=R(3, scale=0.1),

@@ -83,12 +83,14 @@ def test_gradient_only_through_shape_raises():
     assert "'shape_of_y' (Shape) passes no gradient" in _one_line(exc)
 
 
-def test_float_piecewise_constant_op_on_path_raises():
+def test_gradient_only_through_a_piecewise_constant_op_raises():
+    """Floor passes no gradient (zero, as in torch): a parameter reaching the outputs only through it
+    has no gradient path, reported like Shape's."""
     model = _mm([helper.make_node("Floor", ["Y"], ["Z"], name="floor")], out="Z")
     with pytest.raises(onnxbp.NotDifferentiableError) as exc:
         onnxbp.gradient(model, ["W"])
     text = _one_line(exc)
-    assert "'floor' (op Floor) is not differentiable" in text and "zero almost everywhere" in text
+    assert "no gradient of 'W' reaches the outputs" in text and "'floor' (Floor) passes no gradient" in text
 
 
 def test_unused_parameter_explicitly_requested():

@@ -14,6 +14,8 @@ from . import (  # noqa: F401
     norm,  # BatchNormalization, LayerNormalization, InstanceNormalization, LRN, Dropout
     pool,  # MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool (pool_arith holds the geometry)
     reduce,  # Reduce*, Softmax/LogSoftmax, Mean/Max/Min
+    resize,  # Resize (resize_arith holds the per-axis interpolation matrices)
+    rounding,  # Mod; Floor, Ceil, Round, Sign pass no gradient (zero, as in torch and JAX)
     shape,  # Flatten, Reshape, Identity, Cast; no-gradient and not-differentiable ops
     tensor,  # Concat, Split, Slice, Transpose, Squeeze, Unsqueeze, Expand, Tile, Gather, Pad, Where
 )

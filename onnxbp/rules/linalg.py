@@ -108,3 +108,84 @@ def _swap_last(rank):
 
 def _static(d):
     return isinstance(d, int)
+
+
+# ---------------------------------------------------------------- Einsum
+def _einsum_terms(g, n_inputs):
+    """(input terms, output term) of the node's equation, the implicit output made explicit."""
+    eq = (g.attr("equation") or "").replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != n_inputs:
+        g.fail(f"equation {eq!r} has {len(terms)} operands but the node has {n_inputs} inputs")
+    for t in terms + ([out] if arrow else []):
+        body = t.replace("...", "", 1)
+        if not all(c.isalpha() for c in body) or "." in body:
+            g.fail(f"equation {eq!r}: subscripts must be letters with at most one '...' per term")
+    if not arrow:
+        letters = "".join(t.replace("...", "") for t in terms)
+        out = ("..." if any("..." in t for t in terms) else "") + "".join(
+            sorted(c for c in set(letters) if letters.count(c) == 1))
+    return terms, out, eq
+
+
+def _ellipsis_dims(shape, term):
+    """The dims ``...`` stands for in an operand of ``shape`` with subscripts ``term``."""
+    if "..." not in term:
+        return []
+    pos = term.index("...")
+    n = len(shape) - (len(term) - 3)
+    return list(shape[pos:pos + n])
+
+
+@register_gradient("Einsum", since=12, smoothness=LINEAR,
+                   lowering="operand i' = Einsum(other operands, Y'; '<other terms>,<out>-><term i>'), "
+                            "axes summed in operand i alone re-expanded (Unsqueeze + Expand)")
+def einsum_grad(g):
+    """``Y`` is linear in each operand: ``Y[out] = sum X_i[t_i] * prod_j X_j[t_j]``, so ``X_i'[t_i] =
+    sum Y'[out] * prod_{j != i} X_j[t_j]``: another Einsum with ``t_i`` as its output.  A subscript only
+    operand ``i`` carries (summed away in the forward) is broadcast back: the Einsum leaves it out and
+    ``Expand`` restores it.  Refused: a subscript repeated within operand ``i`` (a diagonal), and ``...``
+    that broadcasts (operand i's ``...`` dims differing from the output's)."""
+    xs = g.inputs
+    terms, out, eq = _einsum_terms(g, len(xs))
+    dy = g.grad_output(0)
+    grads = [None] * len(xs)
+    for i, (x, t) in enumerate(zip(xs, terms)):
+        if not g.needs_grad(i):
+            continue
+        letters = t.replace("...", "")
+        if len(set(letters)) != len(letters):
+            g.fail(f"equation {eq!r}: operand {i} repeats a subscript (a diagonal); supported are equations "
+                   f"whose operands each have distinct subscripts")
+        ell = 0
+        if "..." in t:
+            shape = g.shape(x)
+            ours = _ellipsis_dims(shape, t) if shape is not None else None
+            theirs = _ellipsis_dims(g.shape(g.output(0)) or (), out) if "..." in out else None
+            if ours is None or theirs is None or len(ours) != len(theirs) or any(
+                    a is None or a != b for a, b in zip(ours, theirs)):
+                g.fail(f"equation {eq!r}: the '...' dims of operand {i} ({ours}) are not the output's "
+                       f"({theirs}); broadcasting within '...' is not supported")
+            ell = len(ours)
+        others = [j for j in range(len(xs)) if j != i]
+        seen = set("".join(terms[j] for j in others) + out)
+        # subscripts only operand i has were summed away in the forward: broadcast back below
+        target = "".join(c for c in t.replace("...", "?") if c == "?" or c in seen).replace("?", "...")
+        if not others and target == out:
+            r = dy
+        else:
+            r = g.op("Einsum", *[xs[j] for j in others], dy,
+                     equation=",".join([terms[j] for j in others] + [out]) + "->" + target)
+        if target != t:
+            pos, k = [], 0
+            for c in t.replace("...", "?"):
+                if c == "?":
+                    k += ell
+                    continue
+                if c not in seen:
+                    pos.append(k)
+                k += 1
+            r = g.op("Expand", g.unsqueeze(r, pos), g.op("Shape", x))
+        grads[i] = r
+    return grads

@@ -43,9 +43,7 @@ REGISTRY.no_gradient(
     reason="its output does not depend differentiably on its inputs",
 )
 REGISTRY.not_differentiable(["ArgMax", "ArgMin"], reason="its output is an index")
-REGISTRY.not_differentiable(["Round", "Floor", "Ceil", "Sign"],
-                            reason="piecewise constant: its derivative is zero almost everywhere "
-                                   "and undefined at the steps")
+# Floor, Ceil, Round, Sign (zero gradient, no_gradient) live with Mod in rules/rounding.py.
 
 
 @register_gradient("CastLike", since=15, smoothness=LINEAR, non_differentiable_inputs=(1,),

@@ -15,7 +15,10 @@ inverse reshape):
   the bias gradient sums the output gradient over the axes it was broadcast);
 - permutation (Transpose) / relabelling (Squeeze, Unsqueeze): the inverse.
 
-Where(C, X, Y) routes ``Y'`` to X where C holds and to Y elsewhere.
+Where(C, X, Y) routes ``Y'`` to X where C holds and to Y elsewhere.  CumSum is ``Y = L X`` with a
+triangular ones matrix (``X'`` the cumulative sum the other way), Trilu a fixed triangle mask;
+GatherND / ScatterND select and scatter whole slices (ScatterND with ``reduction="add"`` undoes a
+GatherND whose indices repeat).
 
 (ConvTranspose, also linear, lives with the conv family: rules/conv_transpose.py.)
 """
@@ -417,3 +420,73 @@ def where_grad(g):
     if g.needs_grad(2):
         db = g.unbroadcast(g.op("Where", c, zero, dy), b)
     return [None, da, db]
+
+
+# ---------------------------------------------------------------- CumSum, Trilu
+@register_gradient("CumSum", since=11, smoothness=LINEAR, non_differentiable_inputs=(1,),
+                   lowering="X'=CumSum(Y', axis, exclusive, reverse=1-reverse)")
+def cumsum_grad(g):
+    """``Y = L X`` along ``axis``, ``L`` the (strictly, if exclusive) lower-triangular ones matrix
+    (upper with ``reverse``); ``X' = L^T Y'`` is the cumulative sum of ``Y'`` in the other direction,
+    with the same ``exclusive``."""
+    dx = g.op("CumSum", g.grad_output(0), g.input(1), exclusive=int(g.attr("exclusive", 0)),
+              reverse=1 - int(g.attr("reverse", 0)))
+    return [dx, None]
+
+
+@register_gradient("Trilu", since=14, smoothness=LINEAR, non_differentiable_inputs=(1,),
+                   lowering="X'=Trilu(Y', k, upper): the same triangle mask")
+def trilu_grad(g):
+    """``Y = M * X`` for the fixed 0/1 mask ``M`` of the kept triangle (diagonal offset ``k``), so
+    ``X' = M * Y'``: Trilu of ``Y'`` with the same ``k`` and ``upper``."""
+    k = g.input(1)
+    args = [g.grad_output(0)] + ([k] if k is not None else [])
+    return [g.op("Trilu", *args, upper=int(g.attr("upper", 1))), None]
+
+
+# ---------------------------------------------------------------- GatherND, ScatterND
+def _nd_indices(g, data, idx, batch_dims):
+    """GatherND/ScatterND indices as int64, negative entries wrapped by the indexed dims' sizes."""
+    depth = (g.shape(idx) or [None])[-1]
+    idx = g.op("Cast", idx, to=TensorProto.INT64)
+    if not isinstance(depth, int):
+        g.fail(f"the last dim of indices {g.input(1)!r} is not static; the gradient needs the index depth")
+    dims = g.op("Slice", g.op("Shape", data), g.ints([batch_dims]), g.ints([batch_dims + depth]), g.ints([0]))
+    neg = g.op("Less", idx, g.const(0, dtype=np.int64))
+    return g.op("Where", neg, g.op("Add", idx, dims), idx)
+
+
+@register_gradient("GatherND", since=11, smoothness=LINEAR, non_differentiable_inputs=(1,), min_opset=16,
+                   lowering="data'=ScatterND(zeros, indices, Y', reduction=add) (batch_dims=0)")
+def gathernd_grad(g):
+    """``Y[j] = data[indices[j]]`` selects slices: ``data' = A^T Y'`` adds each ``Y'[j]`` back at
+    ``indices[j]`` (ScatterND with ``reduction="add"``: indices may repeat).  ``batch_dims > 0`` is
+    refused."""
+    data, idx = g.input(0), g.input(1)
+    batch_dims = int(g.attr("batch_dims", 0))
+    if batch_dims:
+        g.fail(f"batch_dims={batch_dims} is not supported (ScatterND has no batch_dims); supported: batch_dims=0")
+    dx = g.op("ScatterND", g.zeros_like(data), _nd_indices(g, data, idx, 0), g.grad_output(0), reduction="add")
+    return [dx, None]
+
+
+@register_gradient("ScatterND", since=11, smoothness=LINEAR, non_differentiable_inputs=(1,),
+                   lowering="data'=Y' (add) or ScatterND(Y', indices, zeros) (none); updates'=GatherND(Y', indices)")
+def scatternd_grad(g):
+    """``Y = data`` with ``updates[j]`` written (``none``) or added (``add``) at ``indices[j]``.
+
+    Linear in (data, updates): ``add``: ``data' = Y'``; ``none``: ``Y'`` with the written slices
+    zeroed (ScatterND of zeros).  ``updates' = GatherND(Y', indices)`` in both (for ``none`` the
+    spec leaves repeated indices undefined, and so their gradient).  mul/min/max are refused.
+    """
+    idx, upd = g.input(1), g.input(2)
+    reduction = g.attr("reduction", "none")
+    if reduction not in ("none", "add"):
+        g.fail(f"reduction={reduction!r} is not linear; supported: none, add")
+    dy = g.grad_output(0)
+    out = [None, None, None]
+    if g.needs_grad(0):
+        out[0] = dy if reduction == "add" else g.op("ScatterND", dy, idx, g.zeros_like(upd, like=dy))
+    if g.needs_grad(2):
+        out[2] = g.op("GatherND", dy, idx)
+    return out
