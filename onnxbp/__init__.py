@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from . import rules  # noqa: F401  (registers the built-in rules)
+from . import controlflow  # noqa: F401  (registers the If rule)
 from .context import GradContext
 from .checker import CheckReport, GradCheck, check_gradients
 from .engine import Backward, backward, gradient

@@ -24,6 +24,7 @@ from .errors import NotDifferentiableError, UnsupportedOpError, WrtError
 from .graphview import GraphView
 from .registry import NO_GRADIENT, NOT_DIFFERENTIABLE, RuleEntry
 from .types import FLOAT_TYPES, type_name
+from .unroll import SUPPORTED as CONTROL_FLOW_SUPPORTED
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +200,9 @@ def check_path_ops(view: GraphView, on_path: Sequence[onnx.NodeProto]) -> None:
                        f"{', '.join(repr(c) for c in captures[:4])}" if captures else "its inputs")
             raise UnsupportedOpError(
                 f"node '{view.label(n)}' (op {n.op_type}, domain {dom}) has subgraphs and no gradient rule, "
-                f"and a requested gradient flows through it ({through}); control flow is not "
-                f"differentiated, and differentiating around it would be wrong: request gradients only "
-                f"of tensors that do not reach the outputs through it{more}"
+                f"and a requested gradient flows through it ({through}); {CONTROL_FLOW_SUPPORTED}; "
+                f"differentiating around it would be wrong: request gradients only of tensors that do not "
+                f"reach the outputs through it{more}"
             )
         if n.op_type == "SplitToSequence" and n.output[0] in view.sequence_why:
             raise UnsupportedOpError(

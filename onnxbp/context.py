@@ -14,7 +14,11 @@ no gradient is produced; or a dict ``{input_index: name}``)::
 Reading: ``g.inputs``, ``g.outputs``, ``g.input(i)``, ``g.output(i)``,
 ``g.grad_output(i)``, ``g.needs_grad(i)``, ``g.attr(name, default)``,
 ``g.shape(t)``, ``g.static_shape(t)``, ``g.rank(t)``, ``g.dtype(t)``,
-``g.opset``, ``g.option(name)``, ``g.constant_value(t)``.
+``g.opset``, ``g.option(name)``, ``g.constant_value(t)``.  Control flow (the If
+rule): ``g.captures``, the outer-scope tensors the node's subgraphs read (their
+gradients are requested as inputs ``len(g.inputs) + k``), and
+``g.differentiate(graph, wrt, seeds)``, onnxbp's own backward of a subgraph
+made standalone.
 
 Emitting is the :class:`~onnxbp.writer.GraphWriter` vocabulary (a
 ``GradContext`` is a writer scoped to its node): ``g.op(op_type, *inputs,
@@ -53,6 +57,8 @@ class Build(Protocol):
     def option(self, name: str) -> Any: ...
 
     def ensure_forward_output(self, node: onnx.NodeProto, i: int) -> str: ...
+
+    def sub_backward(self, graph: onnx.GraphProto, wrt: Sequence[str], seeds: Any) -> Any: ...
 
 
 class GradContext(GraphWriter):
@@ -96,8 +102,24 @@ class GradContext(GraphWriter):
         return self._grad_outputs[i] if i < len(self._grad_outputs) else None
 
     def needs_grad(self, i: int) -> bool:
-        """Whether the gradient of input ``i`` is requested."""
+        """Whether the gradient of input ``i`` is requested (``i >= len(inputs)``: of capture
+        ``i - len(inputs)``)."""
         return i < len(self._needs) and self._needs[i]
+
+    @property
+    def captures(self) -> list:
+        """The outer-scope tensors the node's subgraphs read, in first-use order (empty without
+        subgraphs).  A rule returns the gradient of capture ``k`` at index ``len(node.input) + k``."""
+        return self._build.view.captures(self.node)
+
+    def differentiate(self, graph: onnx.GraphProto, wrt: Sequence[str], seeds: dict):
+        """onnxbp's backward of ``graph``, a subgraph made standalone (every tensor it reads from
+        outside is one of its inputs), at this model's opset and with its naming authority.
+
+        ``seeds``: ``{output: seed input}``.  Returns a :class:`~onnxbp.engine.Backward` whose
+        ``gradients`` leave out the ``wrt`` names no gradient reaches.
+        """
+        return self._build.sub_backward(graph, wrt, seeds)
 
     def attr(self, name: str, default: Any = None) -> Any:
         for a in self.node.attribute:

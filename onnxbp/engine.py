@@ -18,14 +18,17 @@ Two entry points:
     parameter, and the ``onnxbp.gradients`` metadata.  A thin wrapper on
     ``backward``.
 
-The build: the analysis (:mod:`onnxbp.analysis`) picks the nodes on a path
-from the parameters to the seeds; in reverse topological order each on-path
+The build: Loop and Scan nodes a requested gradient flows through are
+unrolled first (:mod:`onnxbp.unroll`); the analysis (:mod:`onnxbp.analysis`)
+picks the nodes on a path from the parameters to the seeds; in reverse topological order each on-path
 node's rule (:mod:`onnxbp.registry`) receives the accumulated gradients of
 its outputs through a :class:`~onnxbp.context.GradContext` and returns the
 gradients of its inputs.  A tensor consumed by several nodes gets the Sum of
 their contributions.  Backward nodes are appended after the forward nodes,
 dead ones are pruned, and the result must pass ``onnx.checker`` with
-``full_check``.
+``full_check``.  The If rule (:mod:`onnxbp.controlflow`) builds each backward
+branch with a nested build of the branch made standalone
+(:meth:`_Build.sub_backward`, sharing the naming authority).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from . import analysis, metadata
+from . import analysis, metadata, unroll
 from .context import GradContext
 from .errors import (
     InternalError,
@@ -46,10 +49,12 @@ from .errors import (
     NameCollisionError,
     NotDifferentiableError,
     OptionError,
+    UnsupportedOpError,
     WrtError,
 )
 from .graphview import GraphView
 from .modelio import ModelLike, check_full, check_loadable, convert_opset, load_model
+from .naming import NameAuthority, reads
 from .registry import REGISTRY, Registry, RuleEntry
 from .types import TensorInfo, default_opset, np_dtype
 from .writer import GraphWriter
@@ -144,9 +149,11 @@ def _names(wrt: Iterable[str]) -> list:
 class _Build:
     """State of one backward build.  Rules see it only through GradContext."""
 
-    def __init__(self, model: onnx.ModelProto, registry: Registry, options: dict, check: bool):
+    def __init__(self, model: onnx.ModelProto, registry: Registry, options: dict, check: bool,
+                 names: Optional[NameAuthority] = None):
         self.registry = registry
         self._options = _validate_options(registry, options)
+        self._names = names  # an enclosing build's: this build differentiates a subgraph of its model
         if check:
             check_full(model, ModelLoadError, "the model fails the ONNX checker (full_check)")
             check_loadable(model)
@@ -154,7 +161,7 @@ class _Build:
 
     def _prepare(self, model: onnx.ModelProto) -> None:
         self.model = model
-        self.view = GraphView(model, self.registry)
+        self.view = GraphView(model, self.registry, self._names)
         self.writer = GraphWriter(self.view.names, self.view.opset, self.view.infos,
                                   prefix="onnxbp/grad", doc="onnxbp: backward graph",
                                   const_base="onnxbp/grad/const")
@@ -175,16 +182,40 @@ class _Build:
         log.info("added output %d (%s) to forward node %s", i, name, self.view.label(node))
         return name
 
+    def sub_backward(self, graph: onnx.GraphProto, wrt: Sequence[str], seeds: Mapping[str, str]) -> Backward:
+        """Differentiate ``graph`` (a subgraph made standalone: what it reads from outside are its
+        inputs) with this build's registry, options, opset and naming authority.
+
+        ``wrt`` names graph inputs; parameters no gradient reaches are left out
+        of the result's ``gradients`` (the caller supplies their zero).  The
+        graph is not checked: it becomes a subgraph again.
+        """
+        model = helper.make_model(graph, opset_imports=list(self.model.opset_import),
+                                  ir_version=self.model.ir_version)
+        model.functions.extend(self.model.functions)
+        sub = _Build(model, self.registry, self._options, check=False, names=self.view.names)
+        return sub.run(list(wrt), dict(seeds), None, check_exit=False, partial=True)
+
     # ------------------------------------------------------------ the build
     def run(self, wrt: Optional[list], seeds: SeedSpec, grad_names, *, check_exit: bool,
-            frozen: Iterable[str] = (), suffix_hint: bool = False) -> Backward:
+            frozen: Iterable[str] = (), suffix_hint: bool = False, partial: bool = False) -> Backward:
         seed_map = self._seed_map(seeds)
         targets = list(seed_map)
         params = analysis.resolve_wrt(self.view, wrt, targets, frozen)
-        analysis.check_reachable(self.view, params, targets)
+        if self._unroll(params, targets):
+            params = analysis.resolve_wrt(self.view, wrt, targets, frozen)
+        if partial:  # a subgraph's build: what no gradient reaches gets its zero from the caller
+            reach = analysis.path(self.view, params, targets).useful
+            params = [p for p in params if p in reach]
+            if not params:
+                return Backward(self.model, {}, {}, [], self.view.infos, len(self.view.nodes), 0)
+        else:
+            analysis.check_reachable(self.view, params, targets)
         on_path = analysis.path(self.view, params, targets).nodes
         analysis.check_path_ops(self.view, on_path)
-        need = max([self.view.entry_for(n).min_opset for n in on_path] + [1])
+        need = _needed_opset(self.view, on_path)
+        if need > self.view.opset and self._names is not None:
+            raise InternalError(f"a subgraph's backward needs opset {need} but its model has {self.view.opset}")
         if need > self.view.opset:
             log.info("converting the model from opset %d to %d: the backward ops need it", self.view.opset, need)
             self._prepare(convert_opset(self.model, need, "the backward graph"))
@@ -192,6 +223,21 @@ class _Build:
         if callable(grad_names):
             grad_names = {p: grad_names(p) for p in params}
         return self._build(params, targets, seed_map, grad_names or {}, check_exit, suffix_hint)
+
+    def _unroll(self, params: list, targets: list) -> bool:
+        """Unroll the Loop and Scan nodes a requested gradient flows through (:mod:`onnxbp.unroll`),
+        round after round for the ones their bodies held; whether anything was unrolled."""
+        if not any(unroll.is_loop(n) for n in self.view.nodes):
+            return False
+        changed = False
+        for _ in range(_MAX_NESTING):
+            loops = [n for n in analysis.path(self.view, params, targets).nodes if unroll.is_loop(n)]
+            if not loops:
+                return changed
+            unroll.unroll(self.model, loops, self.view)
+            self._prepare(self.model)
+            changed = True
+        raise UnsupportedOpError(f"Loop/Scan nodes are nested more than {_MAX_NESTING} deep; {unroll.SUPPORTED}")
 
     def _seed_map(self, seeds: SeedSpec) -> dict:
         """``{seeded tensor: seed}``: a fill value (float) or a tensor name (existing or a new input)."""
@@ -257,10 +303,11 @@ class _Build:
             if not any(grad_outputs):
                 continue
             skip = set(entry.non_differentiable_inputs)
+            inputs = view.inputs(node)  # then the outer-scope tensors its subgraphs read (If)
             needs = [bool(n) and n in path.active and n in path.useful and i not in skip
-                     for i, n in enumerate(node.input)]
+                     for i, n in enumerate(inputs)]
             ctx = GradContext(self, node, entry, grad_outputs, needs)
-            self._collect(ctx, entry, needs, entry.fn(ctx), grads)
+            self._collect(ctx, entry, needs, entry.fn(ctx), grads, inputs)
 
         sources = {}
         for p in params:
@@ -297,7 +344,7 @@ class _Build:
     def _name_gradients(self, params: list, sources: dict, grad_names: Mapping[str, str]) -> dict:
         """Give gradients their requested names: rename the tensor where it is ours alone, else Identity."""
         w = self.writer
-        consumed = {i for n in w.nodes for i in n.input}
+        consumed = {i for n in w.nodes for i in reads(n)}
         claimed: set = set()
         renamed: dict = {}  # a tensor renamed to one gradient output, shared by another
         out = {}
@@ -328,7 +375,8 @@ class _Build:
         grads[name] = [out]
         return out
 
-    def _collect(self, ctx: GradContext, entry: RuleEntry, needs: list, result: Any, grads: dict) -> None:
+    def _collect(self, ctx: GradContext, entry: RuleEntry, needs: list, result: Any, grads: dict,
+                 inputs: list) -> None:
         if result is None:
             result = {}
         if isinstance(result, (list, tuple)):
@@ -343,10 +391,10 @@ class _Build:
             if not value:
                 raise NotDifferentiableError(
                     f"rule {entry.source} for node '{ctx.label}' ({ctx.op_type}) returned no gradient for "
-                    f"input {i} ({ctx.node.input[i]!r}), which a requested gradient needs")
+                    f"input {i} ({inputs[i]!r}), which a requested gradient needs")
             if not isinstance(value, str):
                 raise InternalError(f"rule {entry.source} returned {value!r} for input {i}; expected a name")
-            grads.setdefault(ctx.node.input[i], []).append(value)
+            grads.setdefault(inputs[i], []).append(value)
 
     def value_info(self, name: str, like: str, tp: Optional[onnx.TypeProto]) -> onnx.ValueInfoProto:
         """A ValueInfo for ``name`` typed like tensor ``like`` (its inferred shape, else ``tp``)."""
@@ -358,6 +406,32 @@ class _Build:
         vi.name = name
         vi.type.CopyFrom(tp)
         return vi
+
+
+_MAX_NESTING = 16
+
+
+def _needed_opset(view: GraphView, on_path: Sequence[onnx.NodeProto]) -> int:
+    """The opset the backward ops of ``on_path`` need, counting the nodes inside their subgraphs
+    (an If's branches are differentiated at the model's opset)."""
+    need = 1
+
+    def nested(node: onnx.NodeProto) -> None:
+        nonlocal need
+        for a in node.attribute:
+            graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for g in graphs:
+                for n in g.node:
+                    e = view.registry.lookup(n.op_type, n.domain if n.domain != "ai.onnx" else "", view.opset)
+                    if e is not None:
+                        need = max(need, e.min_opset)
+                    nested(n)
+
+    for n in on_path:
+        need = max(need, view.entry_for(n).min_opset)
+        if view.has_subgraphs(n):
+            nested(n)
+    return need
 
 
 def _validate_options(registry: Registry, options: dict) -> dict:

@@ -25,7 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import shapeinfo
-from .naming import NameAuthority
+from .naming import NameAuthority, free_names, has_subgraph, outer_names  # noqa: F401  (re-exported)
 from .registry import Registry, RuleEntry
 from .types import TensorInfo, default_opset
 
@@ -35,13 +35,15 @@ log = logging.getLogger(__name__)
 class GraphView:
     """The forward graph as the engine reads it (see the module docstring)."""
 
-    def __init__(self, model: onnx.ModelProto, registry: Registry):
+    def __init__(self, model: onnx.ModelProto, registry: Registry, names: Optional[NameAuthority] = None):
+        """``names``: the naming authority to draw from (an enclosing build's, when ``model`` is a
+        subgraph made standalone); by default one over ``model``."""
         self.model = model
         self.registry = registry
         self.opset = default_opset(model)
         self.graph = model.graph
         self.infos = shapeinfo.infer(model)
-        self.names = NameAuthority(model)
+        self.names = names if names is not None else NameAuthority(model)
         self._inputs = {i.name for i in model.graph.input}
         self._constants = {t.name: t for t in model.graph.initializer if t.name not in self._inputs}
         for node in model.graph.node:
@@ -50,7 +52,7 @@ class GraphView:
                 self._constants.setdefault(node.output[0], value)
         self.sequence_why: dict = {}
         self.nodes = self._analysis_view(list(model.graph.node))
-        self._captures = {id(n): outer_names(n) for n in self.nodes if _has_subgraph(n)}
+        self._captures = {id(n): outer_names(n) for n in self.nodes if has_subgraph(n)}
         self._labels: dict = {}
         self._entries: dict = {}
         for i, node in enumerate(self.nodes):
@@ -187,33 +189,3 @@ class GraphView:
         synthetic = helper.make_node("Split", [n.input[0]], outputs, name=n.name or f"{seq}/split", axis=axis)
         log.info("differentiating SplitToSequence %s and its %d SequenceAt reads as one Split", n.name, count)
         return (synthetic, users), None
-
-
-def _has_subgraph(node: onnx.NodeProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
-
-
-def outer_names(node: onnx.NodeProto) -> list:
-    """Names the node's subgraphs read from an enclosing scope, in first-use order."""
-    found: list = []
-    for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) \
-            if a.type == onnx.AttributeProto.GRAPHS else []
-        for g in graphs:
-            for name in _free_names(g):
-                if name not in found:
-                    found.append(name)
-    return found
-
-
-def _free_names(graph: onnx.GraphProto) -> list:
-    """Tensors a (sub)graph reads that it does not define itself (inputs, initializers, node outputs)."""
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer} | \
-        {t.values.name for t in graph.sparse_initializer}
-    free: list = []
-    for node in graph.node:
-        for name in list(node.input) + (outer_names(node) if _has_subgraph(node) else []):
-            if name and name not in defined and name not in free:
-                free.append(name)
-        defined.update(o for o in node.output if o)
-    return free

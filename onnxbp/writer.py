@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import InternalError, UnsupportedAttributeError
-from .naming import NameAuthority
+from .naming import NameAuthority, reads
 from .types import TensorInfo, np_dtype
 
 _CONSTANT_NODE_TYPES_BEFORE_9 = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
@@ -158,6 +158,10 @@ class GraphWriter:
     def dtype(self, name: str) -> int:
         return self.info(name).elem_type
 
+    def set_info(self, name: str, info: TensorInfo) -> None:
+        """Record what is known of tensor ``name`` (outputs of ops whose type the writer cannot tell: If)."""
+        self._w.infos[name] = info
+
     def memo(self, key: Hashable, build: Callable[[], Any]) -> Any:
         """``build()`` once per key for this writer (a shared subgraph, e.g. Adam's bias corrections)."""
         if key not in self._w.memo:
@@ -200,8 +204,18 @@ class GraphWriter:
                 w.infos[o] = TensorInfo(elem, None)
         return outs[0] if outputs == 1 else tuple(outs)
 
+    def add_nodes(self, nodes: Sequence[onnx.NodeProto]) -> None:
+        """Append existing nodes, in order, among the written ones (copies of forward nodes: the
+        iterations of an unrolled Loop, the recomputed forward of an If branch)."""
+        w = self._w
+        for node in nodes:
+            w.nodes.append(node)
+            w.producer.update((o, node) for o in node.output if o)
+
     def _result_type(self, op_type: str, inputs: list, attrs: dict) -> int:
         """Element type of a new node's outputs, so later writers can ask ``dtype`` of them."""
+        if any(isinstance(v, onnx.GraphProto) for v in attrs.values()):
+            return 0  # control flow: the caller records its outputs' types (set_info)
         if op_type in _INT64_RESULTS:
             return onnx.TensorProto.INT64
         if op_type in _BOOL_RESULTS:
@@ -300,7 +314,7 @@ class GraphWriter:
         for node in reversed(w.nodes):
             if any(o in needed for o in node.output):
                 keep.append(node)
-                needed.update(i for i in node.input if i)
+                needed.update(reads(node))  # an If's branches read outer tensors too
         dropped = len(w.nodes) - len(keep)
         if dropped:
             kept = {id(n) for n in keep}

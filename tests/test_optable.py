@@ -112,9 +112,13 @@ def _builtin_rules(registry) -> list:
             and e.fn.__module__.split(".")[0] == "onnxbp"]
 
 
+#: Built-in rules checked by their own test file instead of the table (one-node models cannot hold them).
+CHECKED_ELSEWHERE = {"If": "tests/test_control_flow.py"}
+
+
 def missing_entries(registry, table) -> list:
-    """Ops with a built-in rule and no table entry."""
-    return sorted({e.op_type for e in _builtin_rules(registry)} - {t.op for t in table})
+    """Ops with a built-in rule and no table entry (nor a test file of their own)."""
+    return sorted({e.op_type for e in _builtin_rules(registry)} - {t.op for t in table} - set(CHECKED_ELSEWHERE))
 
 
 def unchecked_ranges(registry, cases) -> list:
