@@ -52,6 +52,7 @@ from .. import metadata
 from ..engine import backward
 from ..errors import OnnxbpError
 from ..modelio import ModelLike, check_full, convert_opset, load_model
+from ..optimize import eliminate_common_subexpressions
 from ..types import FLOAT_TYPES, TensorInfo, default_opset, np_dtype, value_info_dims
 from ..writer import GraphWriter, set_attr, value_info
 from .errors import TrainingError
@@ -212,6 +213,7 @@ def build_step_model(model: ModelLike, *, loss: str = "cross_entropy", optimizer
         data_inputs=fl.data_inputs, target=fl.target, lr=lr, step=step, loss=fl.loss, logits=logits,
         output=out_vi.name, params=params, buffers=[b for b in buffers if b in st.updates], state=state_map,
         updates=st.updates, frozen=frozen_all, loss_kind=loss, optimizer=optimizer.config())
+    eliminate_common_subexpressions(g)
     metadata.put(m, META_KEY, spec.to_json())
     check_full(m, TrainingError, "the training-step model fails the ONNX checker (a bug; please report)")
     log.info("training step: %d params, %d carried tensors, %d nodes", len(params), len(st.updates), len(g.node))
@@ -445,7 +447,9 @@ def _running_stats_stage(w: GraphWriter, st: _Carried, bns: list, bn_stats: str,
             axes = [0] + list(range(2, len(shape)))
             mean = bw.reduce_mean(x, axes, True)
             d = bw.op("Sub", x, mean, name="centered")
-            var_b = bw.reduce_mean(bw.op("Mul", d, d, name="sq"), axes, False)
+            # the same nodes as the BatchNormalization backward's batch statistics (rules/norm.py), so
+            # that optimize.eliminate_common_subexpressions computes them once
+            var_b = bw.squeeze(bw.reduce_mean(bw.op("Mul", d, d, name="sq"), axes, True), axes)
             c = bw.op("Cast", bw.op("Shape", rv_onnx, name="channels"), to=t.data_type)
             n = bw.op("Div", bw.op("Cast", bw.op("Size", x, name="size"), to=t.data_type), c, name="count")
             nm1 = bw.op("Sub", n, bw.const(1.0, dtype=f), name="count_minus_1")
