@@ -44,7 +44,7 @@ from onnx import numpy_helper
 
 from .engine import gradient
 from .errors import OnnxbpError, OptionError
-from .float64 import float64_model, reference_runner
+from .float64 import float64_model, reference_runner, to_float64
 from .metadata import gradient_names
 from .modelio import ModelLike, cpu_session, first_line, load_model
 from .registry import LINEAR, PIECEWISE, REGISTRY, RULE, SMOOTH
@@ -148,6 +148,10 @@ class _Forward:
         m = _params_as_inputs(model, params)
         self.out_names = [o.name for o in m.graph.output]
         self.dtype = np.float64 if precision == "float64" else None
+        if precision != "float64" and _narrow_floats(m):
+            # float16/bfloat16: the finite differences of the model as it is would be float16 noise;
+            # they run on the model widened to float32
+            m, self.dtype = to_float64(m, onnx.TensorProto.FLOAT), np.float32
         self.feeds = {k: self._cast(v) for k, v in feeds.items()}
         self.upstream = upstream
         if precision != "float64":
@@ -166,7 +170,7 @@ class _Forward:
 
     def _cast(self, v):
         v = np.asarray(v)
-        if self.dtype is not None and v.dtype == np.float32:
+        if self.dtype is not None and _is_float(v) and v.dtype != self.dtype:
             return v.astype(self.dtype)
         return v
 
@@ -182,6 +186,21 @@ class _Forward:
                 total += float(np.sum(u * y64))
                 mag += float(np.sum(np.abs(u * y64)))
         return total, mag
+
+
+def _is_float(v: np.ndarray) -> bool:
+    return v.dtype.kind == "f" or v.dtype.name == "bfloat16"
+
+
+def _narrow_floats(model: onnx.ModelProto) -> bool:
+    narrow = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    return any(vi.type.tensor_type.elem_type in narrow for vi in list(model.graph.input) + list(model.graph.output)) \
+        or any(t.data_type in narrow for t in model.graph.initializer)
+
+
+#: The least relative tolerance a gradient computed in float16 / bfloat16 is held to: 20 units of its
+#: type's rounding (eps 9.8e-4 / 7.8e-3); float32 and float64 gradients keep the caller's rtol.
+NARROW_RTOL = {"float16": 20 * 2.0 ** -10, "bfloat16": 20 * 2.0 ** -7}
 
 
 def _model_smoothness(model: onnx.ModelProto) -> str:
@@ -253,18 +272,23 @@ def check_gradients(model: ModelLike, wrt: Optional[Sequence[str]] = None, *,
     f32 = None if f64 is not None else _Forward(fwd, base_feeds, upstream, params, "float32")
 
     for p in params:
-        g = np.asarray(grads[names[p]], dtype=np.float64)
+        g_native = np.asarray(grads[names[p]])
+        g = g_native.astype(np.float64)
         x = np.asarray(values[p])
+        tol = max(rtol, NARROW_RTOL.get(g_native.dtype.name, 0.0))
+        if tol != rtol:
+            log.info("gradient %s is computed in %s: checked with rtol %.1e", names[p], g_native.dtype.name, tol)
         if g.shape != x.shape:
             report.results.append(GradCheck(p, names[p], x.shape, "shape", 1, float("inf"), float("inf"),
                                             False, f"gradient shape {g.shape} != {x.shape}"))
             continue
         if f64 is not None:
-            report.results.append(_check_f64(p, names[p], x, g, values, f64, rng, rtol, atol,
-                                             directions, max_elements))
+            res = _check_f64(p, names[p], x, g, values, f64, rng, tol, atol, directions, max_elements)
         else:
-            report.results.append(_check_f32(p, names[p], x, g, values, f32, rng, rtol, atol,
-                                             directions, smooth))
+            res = _check_f32(p, names[p], x, g, values, f32, rng, tol, atol, directions, smooth)
+        if tol != rtol:
+            res.method += f", {g_native.dtype.name} rtol {tol:.0e}"
+        report.results.append(res)
     return report
 
 
@@ -348,6 +372,7 @@ def _check_f64(p, gname, x, g, values, f, rng, rtol, atol, directions, max_eleme
 
 def _check_f32(p, gname, x, g, values, f, rng, rtol, atol, directions, smooth) -> GradCheck:
     x64 = x.astype(np.float64)
+    xt = f.dtype or x.dtype  # float16/bfloat16 parameters are perturbed in the widened model's float32
     rms = float(np.sqrt(np.mean(x64 ** 2))) if x.size else 0.0
     scale_x = rms if rms > 1e-3 else 1.0
     abs_err = max_rel = 0.0
@@ -357,9 +382,9 @@ def _check_f32(p, gname, x, g, values, f, rng, rtol, atol, directions, smooth) -
 
     def central(v, eps):
         vals = dict(values)
-        vals[p] = (x64 + eps * v).astype(x.dtype)
+        vals[p] = (x64 + eps * v).astype(xt)
         fp, mp = f(vals)
-        vals[p] = (x64 - eps * v).astype(x.dtype)
+        vals[p] = (x64 - eps * v).astype(xt)
         fm, mm = f(vals)
         return (fp - fm) / (2 * eps), max(mp, mm)
 
@@ -389,9 +414,9 @@ def _check_f32(p, gname, x, g, values, f, rng, rtol, atol, directions, smooth) -
                 vals = dict(values)
                 gaps = []
                 for h in (eps / 2, eps / 4):
-                    vals[p] = (x64 + h * v).astype(x.dtype)
+                    vals[p] = (x64 + h * v).astype(xt)
                     fp = f(vals)[0]
-                    vals[p] = (x64 - h * v).astype(x.dtype)
+                    vals[p] = (x64 - h * v).astype(xt)
                     fm = f(vals)[0]
                     gaps.append(abs((fp - f0) - (f0 - fm)) / h)
                 consistent = consistent and gaps[1] <= 0.75 * gaps[0] + 4 * noise

@@ -51,28 +51,36 @@ from .writer import GraphWriter
 _F, _D = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
 
 
-def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with every float32 graph type, initializer, tensor attribute and Cast target in float64."""
+#: The float types a check computes in a wider type (float64, or float32 for float16/bfloat16).
+_NARROWER = {_D: (_F, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16),
+             _F: (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)}
+
+
+def to_float64(model: onnx.ModelProto, target: int = _D) -> onnx.ModelProto:
+    """A copy with every narrower float graph type, initializer, tensor attribute and Cast target in
+    ``target`` (float64 by default: float32, float16 and bfloat16; float32: float16 and bfloat16)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    narrow = _NARROWER[target]
+    wide = np.float64 if target == _D else np.float32
 
-    def as_f64(t: onnx.TensorProto) -> onnx.TensorProto:
-        return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name)
+    def widen(t: onnx.TensorProto) -> onnx.TensorProto:
+        return numpy_helper.from_array(numpy_helper.to_array(t).astype(wide), t.name)
 
     def fix_graph(g: onnx.GraphProto) -> None:
         for vi in list(g.input) + list(g.output):
-            if vi.type.tensor_type.elem_type == _F:
-                vi.type.tensor_type.elem_type = _D
+            if vi.type.tensor_type.elem_type in narrow:
+                vi.type.tensor_type.elem_type = target
         del g.value_info[:]
         for init in g.initializer:
-            if init.data_type == _F:
-                init.CopyFrom(as_f64(init))
+            if init.data_type in narrow:
+                init.CopyFrom(widen(init))
         for node in g.node:
             for a in node.attribute:
-                if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == _F:
-                    a.t.CopyFrom(as_f64(a.t))
-                elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == _F:
-                    a.i = _D
+                if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in narrow:
+                    a.t.CopyFrom(widen(a.t))
+                elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i in narrow:
+                    a.i = target
                 elif a.type == onnx.AttributeProto.GRAPH:
                     fix_graph(a.g)
 

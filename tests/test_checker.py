@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxbp
 from onnxbp.float64 import float64_model
@@ -208,3 +208,40 @@ def test_options_that_would_check_nothing_are_refused(kwargs, text):
     with pytest.raises(onnxbp.OptionError) as info:
         onnxbp.check_gradients(str(Path(__file__).resolve().parent.parent / "models" / "mlp.onnx"), **kwargs)
     assert str(info.value) == f"check_gradients: {text}"
+
+
+# ----------------------------------------------------------------- float16
+def _f16_mlp():
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["H"]), helper.make_node("Tanh", ["H"], ["T"]),
+             helper.make_node("MatMul", ["T", "V"], ["Y"])]
+    g = helper.make_graph(nodes, "f16", [helper.make_tensor_value_info("X", TensorProto.FLOAT16, ["N", 5])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, ["N", 2])],
+                          [numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float16), "W"),
+                           numpy_helper.from_array(rng.standard_normal((4, 2)).astype(np.float16), "V")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    return m
+
+
+@pytest.mark.parametrize("precision", ["auto", "float32"])
+def test_float16_model_is_checked_in_a_wider_type(precision):
+    """float16 parameters: the finite differences run on the model widened to float64 (or float32),
+    and the float16 gradient is held to 20 float16 roundings (2e-2), stated in the method."""
+    report = onnxbp.check_gradients(_f16_mlp(), precision=precision)
+    assert report.passed, report.table()
+    assert all("float16 rtol 2e-02" in r.method for r in report.results)
+    assert all(r.max_rel_err < 2e-2 for r in report.results)
+
+
+def test_float16_wrong_gradient_still_fails():
+    m = _f16_mlp()
+    gm = onnxbp.gradient(m)
+    scaled = helper.make_node("Mul", ["W_grad_raw", "k"], ["W_grad"])
+    for n in gm.graph.node:
+        n.output[:] = ["W_grad_raw" if o == "W_grad" else o for o in n.output]
+    gm.graph.node.append(scaled)
+    gm.graph.initializer.append(numpy_helper.from_array(np.asarray(1.1, np.float16), "k"))
+    report = onnxbp.check_gradients(m, grad_model=gm)
+    assert not report.passed
+    assert [r.name for r in report.results if not r.passed] == ["W"]
