@@ -4,6 +4,7 @@
     python benchmarks/bench_peers.py               # speed: every net and optimizer, 21 interleaved reps
     python benchmarks/bench_peers.py --memory      # peak RSS per side, fresh processes
     python benchmarks/bench_peers.py --build-time  # onnxbp.gradient build time, ResNet-18 .. ResNet-152
+    python benchmarks/bench_peers.py --grad-ratio --nets resnet18 mobilenetv2   # gradient / forward time
 
 Sides, on the same initial weights and the same batches (cross-entropy, mean over the batch):
 
@@ -703,6 +704,84 @@ def print_memory(rows, args):
             print(f"| {r['net']}, {r['batch']} | {r['optimizer']} | {s} | {cols} | {m['step_ws'] / max(base, 1e-9):.2f} |")
 
 
+# ---------------------------------------------------------------- gradient / forward time
+def run_grad_ratio(args, workdir: Path) -> list:
+    """Gradient-model time over forward time on the same network, both sides, interleaved.
+
+    onnxbp: ``onnxbp.gradient(model)`` (every parameter; weights as initializers, as the forward)
+    against the forward model, both in onnxruntime with the benchmark's session options; torch: one
+    forward plus ``backward()`` against a ``no_grad`` forward, in eval mode (inference BatchNorm, as
+    the exported forward).  Medians of ``--reps`` interleaved repetitions."""
+    import torch
+
+    import onnxbp
+    from onnxbp.modelio import cpu_session
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    nets = [n for n in args.nets if n in NETS and NETS[n].vocab is None]
+    for name in nets:
+        case = prepare(NETS[name], args, workdir)
+        x = case.xs[0]
+        gm = onnxbp.gradient(case.model)
+        fwd_s, grad_s = cpu_session(case.model, args.threads), cpu_session(gm, args.threads)
+        out = fwd_s.get_outputs()[0].name
+        y = fwd_s.run(None, {fwd_s.get_inputs()[0].name: x})[0]
+        feeds = {fwd_s.get_inputs()[0].name: x}
+        gfeeds = dict(feeds, **{out + "_grad": np.random.default_rng(0).standard_normal(y.shape).astype(np.float32)})
+        module = copy.deepcopy(case.module).eval()
+        tx = torch.from_numpy(x)
+        up = torch.from_numpy(gfeeds[out + "_grad"])
+
+        def t_fwd():
+            fwd_s.run(None, feeds)
+
+        def t_grad():
+            grad_s.run(None, gfeeds)
+
+        def torch_fwd():
+            with torch.no_grad():
+                module(tx)
+
+        def torch_grad():
+            module.zero_grad(set_to_none=True)
+            (module(tx) * up).sum().backward()
+
+        fns = {"onnxbp forward": t_fwd, "onnxbp gradient": t_grad, "torch forward": torch_fwd,
+               "torch forward+backward": torch_grad}
+        for f in fns.values():
+            for _ in range(args.warmup):
+                f()
+        times = {k: [] for k in fns}
+        keys = list(fns)
+        for r in range(args.reps):
+            for k in (keys if r % 2 == 0 else keys[::-1]):
+                t = time.perf_counter()
+                fns[k]()
+                times[k].append(time.perf_counter() - t)
+        st = {k: summary(v) for k, v in times.items()}
+        row = {"net": name, "batch": NETS[name].batch, "stats": st,
+               "onnxbp ratio": st["onnxbp gradient"]["median_ms"] / st["onnxbp forward"]["median_ms"],
+               "torch ratio": st["torch forward+backward"]["median_ms"] / st["torch forward"]["median_ms"]}
+        rows.append(row)
+        print(f"[{name}] gradient/forward: onnxbp {row['onnxbp ratio']:.2f}, torch {row['torch ratio']:.2f}",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def print_grad_ratio(rows, args):
+    print(f"\nGradient model time / forward time, medians of {args.reps} interleaved reps, {args.threads} threads; "
+          f"load average {loadavg()}\n")
+    print("| net, batch | onnxbp forward ms | onnxbp gradient ms | onnxbp ratio | torch forward ms | "
+          "torch fwd+bwd ms | torch ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        st = r["stats"]
+        print(f"| {r['net']}, {r['batch']} | {fmt_ms(st['onnxbp forward'])} | {fmt_ms(st['onnxbp gradient'])} | "
+              f"{r['onnxbp ratio']:.2f} | {fmt_ms(st['torch forward'])} | {fmt_ms(st['torch forward+backward'])} | "
+              f"{r['torch ratio']:.2f} |")
+
+
 # ----------------------------------------------------------------------------- build time
 def run_build_time(args) -> list:
     import peer_nets
@@ -779,6 +858,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mem-steps", type=int, default=3)
     ap.add_argument("--mem-repeats", type=int, default=3)
     ap.add_argument("--build-time", action="store_true", help="onnxbp.gradient build time, ResNet-18..152")
+    ap.add_argument("--grad-ratio", action="store_true",
+                    help="gradient-model time / forward time per net, onnxbp and torch (image nets)")
     ap.add_argument("--build-depths", type=int, nargs="+", default=[18, 50, 101, 152], choices=(18, 34, 50, 101, 152))
     ap.add_argument("--build-reps", type=int, default=3)
     ap.add_argument("--build-session", action="store_true",
@@ -796,7 +877,7 @@ def main(argv=None) -> int:
         return 0
 
     py = None
-    if not args.no_ort_training:
+    if not args.no_ort_training and not args.grad_ratio:
         py = peer_python(args)
         if py is None:
             print(missing_peer_message(args), file=sys.stderr)
@@ -809,14 +890,17 @@ def main(argv=None) -> int:
         tmp = tempfile.mkdtemp(prefix="bench_peers_")
         workdir = Path(tmp)
     try:
-        if args.memory:
+        if args.grad_ratio:
+            rows = run_grad_ratio(args, workdir)
+            print_grad_ratio(rows, args)
+        elif args.memory:
             rows = run_memory(args, workdir, py)
             print_memory(rows, args)
         else:
             rows = run_speed(args, workdir, py)
             print_speed(rows, args, la_before, loadavg(), time.perf_counter() - t0)
         if args.json:
-            Path(args.json).write_text(json.dumps({"mode": "memory" if args.memory else "speed", "argv": sys.argv[1:],
+            Path(args.json).write_text(json.dumps({"mode": "grad-ratio" if args.grad_ratio else ("memory" if args.memory else "speed"), "argv": sys.argv[1:],
                                                    "loadavg_before": la_before, "loadavg_after": loadavg(),
                                                    "wall_s": time.perf_counter() - t0, "rows": rows}, indent=1))
     finally:
