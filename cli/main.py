@@ -35,9 +35,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wrt", nargs="+", metavar="NAME", default=None,
                         help="differentiate w.r.t. these initializers / graph inputs "
                              "(default: every float initializer that reaches an output)")
-    parser.add_argument("--grad-suffix", default="_grad",
-                        help="suffix of the gradient inputs/outputs (default: _grad)")
+    parser.add_argument("--grad-suffix", default=None,
+                        help="suffix of the gradient inputs/outputs (default: _grad; _grad2 for the gradient of a "
+                             "gradient model, _grad3 next)")
     _add_option_flags(parser)
+
+
+def add_external_data_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--external-data", action="store_true",
+                        help="write the weights to <output>.data beside the model (ONNX external data); the "
+                             "default does so only over protobuf's 2 GB limit or when the input had external data")
 
 
 def cmd_grad(args) -> int:
@@ -46,12 +53,17 @@ def cmd_grad(args) -> int:
     model = onnxbp.load_model(args.model)
     check_loadable(model, f"'{args.model}'")
     check_onnxruntime_loads(model, f"'{args.model}'")  # the gradient model must run where the forward does
-    gm = onnxbp.gradient(model, args.wrt, grad_suffix=args.grad_suffix, **_options(args))
-    onnxbp.save_model_atomic(gm, args.output, source=args.model)
+    # inplace: the loaded model becomes the gradient model (one copy of the weights, not two)
+    gm = onnxbp.gradient(model, args.wrt, grad_suffix=args.grad_suffix, inplace=True, **_options(args))
+    onnxbp.save_model_atomic(gm, args.output, source=args.model, external_data=args.external_data or None)
+    external, _ = onnxbp.modelio.external_data_choice(gm, args.model, args.external_data or None)
     grads = list(_grad_params(gm).values())
+    zeros = onnxbp.metadata.zero_gradients(gm)
     backward = sum(1 for n in gm.graph.node if n.doc_string.startswith("onnxbp"))
     print(f"wrote {args.output}: {len(gm.graph.node) - backward} forward nodes, {backward} backward "
-          f"nodes, {len(grads)} gradients ({', '.join(grads[:6])}{', ...' if len(grads) > 6 else ''})")
+          f"nodes, {len(grads)} gradients ({', '.join(grads[:6])}{', ...' if len(grads) > 6 else ''})"
+          + (f"; structurally zero: {', '.join(zeros)}" if zeros else "")
+          + (f"; weights in {onnxbp.modelio.data_file_for(args.output).name} beside it" if external else ""))
     return EXIT_OK
 
 
@@ -62,11 +74,18 @@ def _grad_params(gm) -> dict:
 
 
 def cmd_check(args) -> int:
-    report = onnxbp.check_gradients(args.model, args.wrt, seed=args.seed, batch_size=args.batch_size,
-                                    rtol=args.rtol, precision=args.precision,
-                                    grad_suffix=args.grad_suffix, **_options(args))
-    print(f"{args.model}: {len(report.results)} gradients, {report.precision} forward, "
-          f"{report.smoothness} ops")
+    if args.second_order:
+        report = onnxbp.check_second_order(args.model, args.second_order, args.wrt, loss=args.loss, x=args.x,
+                                           seed=args.seed, batch_size=args.batch_size, rtol=args.rtol,
+                                           precision=args.precision, **_options(args))
+        print(f"{args.model}: {args.second_order}, {len(report.results)} parameters, {report.precision} "
+              f"finite differences")
+    else:
+        report = onnxbp.check_gradients(args.model, args.wrt, seed=args.seed, batch_size=args.batch_size,
+                                        rtol=args.rtol, precision=args.precision,
+                                        grad_suffix=args.grad_suffix, **_options(args))
+        print(f"{args.model}: {len(report.results)} gradients, {report.precision} forward, "
+              f"{report.smoothness} ops")
     print(report.table())
     failed = [r.name for r in report.results if not r.passed]
     if failed:
@@ -114,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "outputs <p>_grad for each parameter p.")
     _add_common(p)
     p.add_argument("-o", "--output", required=True, help="where to write the gradient model")
+    add_external_data_flag(p)
     p.set_defaults(func=cmd_grad)
 
     p = sub.add_parser("check", help="build the gradient model and compare it with finite differences",
@@ -125,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
     p.add_argument("--precision", choices=("auto", "float64", "float32"), default="auto",
                    help="forward precision for finite differences (default: float64 where possible)")
+    p.add_argument("--second-order", choices=onnxbp.second_order.KINDS, default=None,
+                   help="check a second-order model instead: hvp (Hessian-vector products of --loss w.r.t. "
+                        "--wrt, against differences of the gradient along v) or gradient-penalty "
+                        "(||dL/dx||^2 w.r.t. --x, differentiated w.r.t. --wrt)")
+    p.add_argument("--loss", default=None, help="with --second-order: the tensor differentiated (default: "
+                                               "the only float output; a non-scalar one is summed)")
+    p.add_argument("--x", nargs="+", default=None, metavar="NAME",
+                   help="with --second-order gradient-penalty: the data inputs (default: every float input)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("ops", help="list every op with a rule and how its backward is lowered")

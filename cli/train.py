@@ -18,16 +18,23 @@ def add_parser(subparsers) -> None:
                     "update), run it with onnxruntime, and write the trained inference model.")
     p.add_argument("model", help="forward ONNX model (.onnx)")
     p.add_argument("--data", required=True,
-                   help="an .npz with x_train, y_train, x_test, y_test, or 'digits' (the 8x8 UCI digits "
-                        "shipped with onnxbp)")
-    p.add_argument("--loss", default=DEFAULTS["loss"], choices=("cross_entropy", "mse", "l1", "output"),
-                   help="loss on the model output (default: cross_entropy; 'output': the output is the loss)")
+                   help="an .npz with x_train, y_train, x_test, y_test, or, for a model with several inputs "
+                        "(input_ids, attention_mask), <input>_train and <input>_test per input and labels_train, "
+                        "labels_test; or 'digits' (the 8x8 UCI digits shipped with onnxbp)")
+    p.add_argument("--loss", default=DEFAULTS["loss"],
+                   choices=("cross_entropy", "lm_cross_entropy", "mse", "l1", "output"),
+                   help="loss on the model output (default: cross_entropy; lm_cross_entropy: (N, T, V) token "
+                        "scores against shifted next-token labels, -100 ignored; 'output': the output is the loss)")
     p.add_argument("--optimizer", default=DEFAULTS["optimizer"], choices=("sgd", "adam", "adamw"),
                    help="optimizer, PyTorch's update rules (default: adamw)")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="learning rate (default: 5e-3, the peak of the cosine schedule)")
-    p.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"),
-                   help="learning rate per batch: cosine annealing from --lr to 0 over the run, or constant "
-                        "(default: cosine)")
+    p.add_argument("--lr-schedule", default="cosine", choices=("cosine", "linear", "constant"),
+                   help="learning rate per batch after --warmup: cosine annealing from --lr to 0 over the run, "
+                        "linear decay to 0, or constant (default: cosine)")
+    p.add_argument("--warmup", type=int, default=0, metavar="STEPS",
+                   help="linear warmup from 0 to --lr over the first STEPS batches (default: 0)")
+    p.add_argument("--clip-grad-norm", type=float, default=None, metavar="MAX",
+                   help="clip the gradients to global 2-norm MAX in the step graph (torch's clip_grad_norm_)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--nesterov", action="store_true", help="SGD: Nesterov momentum")
     p.add_argument("--weight-decay", type=float, default=None,
@@ -37,6 +44,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("-o", "--output", default=None,
                    help="where to write the trained model (default: <model name>_trained.onnx in the "
                         "current directory)")
+    p.add_argument("--external-data", action="store_true",
+                   help="write the trained weights to <output>.data beside the model (ONNX external data); the "
+                        "default does so only over protobuf's 2 GB limit or when the input had external data")
     p.add_argument("--metrics", default=None, help="write per-epoch metrics as JSON here")
     p.add_argument("--plot", default=None, help="draw loss and accuracy curves as PNG here (needs matplotlib)")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
@@ -44,10 +54,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint DIR")
     p.add_argument("--seed", type=int, default=0, help="seed for shuffling and dropout (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: ORT's)")
-    p.add_argument("--freeze", nargs="+", default=None, metavar="NAME", help="parameters to keep constant")
+    p.add_argument("--freeze", nargs="+", default=None, metavar="NAME",
+                   help="parameters to keep constant; names or glob patterns ('bert.embeddings.*')")
     p.add_argument("--requires-grad", nargs="+", default=None, metavar="NAME",
-                   help="train only these parameters (default: all)")
+                   help="train only these parameters, names or glob patterns (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel training on MPI, started as `mpirun -n N onnxbp train ... --distributed` "
+                        "(needs onnxbp[mpi]); --batch-size is the global batch, split across the ranks; rank 0 "
+                        "prints and writes (docs/distributed.md)")
     p.set_defaults(func=run)
 
 
@@ -74,10 +89,30 @@ class _Progress:
 
 
 def run(args) -> int:
+    if not args.distributed:
+        _note_mpi_launch()
+        return _run(args, None)
+    from onnxbp.training.distributed import abort_on_error, world
+
+    comm = world()
+    with abort_on_error(comm):
+        return _run(args, comm)
+
+
+def _note_mpi_launch() -> None:
+    import os
+
+    size = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE")
+    if size and size.isdigit() and int(size) > 1:
+        print(f"onnxbp: note: started by an MPI launcher as one of {size} processes without --distributed: "
+              f"each trains alone", file=sys.stderr)
+
+
+def _run(args, comm) -> int:
     from onnxbp.errors import OutputPathError
     from onnxbp.training import Trainer, TrainingError, make_optimizer
     from onnxbp.training.checkpoint import checkpoint_path
-    from onnxbp.training.data import load_dataset, validate_dataset
+    from onnxbp.training.data import n_samples
     from onnxbp.training.loop import fit
 
     if args.resume and not args.checkpoint:
@@ -104,27 +139,40 @@ def run(args) -> int:
     if args.weight_decay is not None:
         opt_kwargs["weight_decay"] = args.weight_decay
     optimizer = make_optimizer(args.optimizer, **opt_kwargs)
+    lead = comm is None or comm.Get_rank() == 0
+    say = print if lead else (lambda *a, **k: None)
+    threads = args.threads
+    if comm is not None and threads is None:
+        from onnxbp.training.distributed import default_threads
+
+        threads = default_threads(comm)
+    if args.warmup < 0:
+        raise TrainingError("--warmup must be >= 0")
     trainer = Trainer(args.model, loss=args.loss, optimizer=optimizer, requires_grad=args.requires_grad,
-                      frozen_params=args.freeze, threads=args.threads, seed=args.seed)
-    data = validate_dataset(load_dataset(args.data, trainer.input_dims), trainer.input_dims,
-                            trainer.input_name, args.loss, trainer.output_dims)
-    print(f"training {args.model}: {len(trainer.spec.params)} parameter tensors "
+                      frozen_params=args.freeze, threads=threads, seed=args.seed, comm=comm,
+                      clip_grad_norm=args.clip_grad_norm)
+    data = trainer.load_data(args.data)
+    ranks = "" if comm is None else f", {comm.Get_size()} ranks x {threads} threads"
+    say(f"training {args.model}: {len(trainer.spec.params)} parameter tensors "
           f"({sum(int(trainer.step_model.initial[p].size) for p in trainer.spec.params)} values), "
-          f"{len(data.x_train)} train / {len(data.x_test)} test samples, {args.optimizer} lr {args.lr:g}, "
-          f"batch {args.batch_size}", flush=True)
-    progress = _Progress(sys.stderr, not args.no_progress and sys.stderr.isatty())  # no \r frames in log files
+          f"{len(data)} train / {n_samples(data.x_test)} test samples, {args.optimizer} lr {args.lr:g}, "
+          f"batch {args.batch_size}{ranks}", flush=True)
+    progress = _Progress(sys.stderr, lead and not args.no_progress and sys.stderr.isatty())  # no \r frames in log files
 
     def on_epoch(rec):
         acc = "" if rec["test_accuracy"] is None else f", test accuracy {rec['test_accuracy']:.4f}"
-        print(f"epoch {rec['epoch']}/{rec['epochs']}: train loss {rec['train_loss']:.4f}, "
+        say(f"epoch {rec['epoch']}/{rec['epochs']}: train loss {rec['train_loss']:.4f}, "
               f"test loss {rec['test_loss']:.4f}{acc} ({rec['seconds']:.1f} s)", flush=True)
 
     t0 = time.perf_counter()
     try:
         history = fit(trainer, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       checkpoint_dir=args.checkpoint, resume=args.resume, lr_schedule=args.lr_schedule,
+                      warmup=args.warmup,
                       on_batch=lambda e, d, t, l: progress.batch(e, d, t, l, args.epochs), on_epoch=on_epoch)
     except KeyboardInterrupt:
+        if not lead:
+            return 130
         sys.stderr.write("\n")
         if args.checkpoint and checkpoint_path(args.checkpoint).exists():
             print(f"onnxbp: interrupted; the last checkpoint is intact at {checkpoint_path(args.checkpoint)} "
@@ -133,14 +181,17 @@ def run(args) -> int:
             print("onnxbp: interrupted; no checkpoint was written (use --checkpoint DIR)", file=sys.stderr)
         return 130
     elapsed = time.perf_counter() - t0
-    trainer.export(args.output, source=args.model)
+    if not lead:
+        return 0
+    trainer.export(args.output, source=args.model, external_data=args.external_data or None)
     final_acc = history["test_accuracy"][-1] if history["test_accuracy"] else None
     metrics = dict(history)
     metrics.update({"final_test_accuracy": final_acc, "final_train_loss":
                     history["train_loss"][-1] if history["train_loss"] else None,
                     "train_seconds": elapsed, "model": str(args.model), "data": str(args.data),
-                    "optimizer": trainer.spec.optimizer, "lr": args.lr, "lr_schedule": args.lr_schedule, "batch_size": args.batch_size,
-                    "seed": args.seed})
+                    "optimizer": trainer.spec.optimizer, "lr": args.lr, "lr_schedule": args.lr_schedule,
+                    "warmup": args.warmup, "clip_grad_norm": args.clip_grad_norm, "batch_size": args.batch_size,
+                    "seed": args.seed, "ranks": 1 if comm is None else comm.Get_size()})
     metrics["test_accuracy_per_epoch"] = metrics.pop("test_accuracy")
     metrics["test_accuracy"] = final_acc
     if args.metrics:

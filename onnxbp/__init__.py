@@ -18,6 +18,7 @@ from .checker import CheckReport, GradCheck, check_gradients
 from .engine import Backward, backward, gradient
 from .errors import (
     InternalError,
+    MemoryLimitError,
     ModelLoadError,
     NameCollisionError,
     NotDifferentiableError,
@@ -31,6 +32,7 @@ from .errors import (
     WrtError,
 )
 from .modelio import load_model, save_model_atomic
+from .second_order import check_second_order, gradient_penalty, hvp
 from .registry import REGISTRY, Registry, no_gradient, not_differentiable, register_gradient
 from .types import TensorInfo
 from .writer import GraphWriter
@@ -40,10 +42,10 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "gradient", "backward", "Backward", "GraphWriter", "check_gradients", "register_gradient", "no_gradient", "not_differentiable",
+    "gradient", "backward", "Backward", "hvp", "gradient_penalty", "check_second_order", "GraphWriter", "check_gradients", "register_gradient", "no_gradient", "not_differentiable",
     "REGISTRY", "Registry", "GradContext", "TensorInfo", "CheckReport", "GradCheck",
     "load_model", "save_model_atomic",
     "OnnxbpError", "ModelLoadError", "OutputPathError", "WrtError", "UnsupportedOpError",
     "NotDifferentiableError", "UnsupportedAttributeError", "ShapeError", "RuleRegistrationError",
-    "NameCollisionError", "InternalError", "OptionError",
+    "NameCollisionError", "InternalError", "MemoryLimitError", "OptionError",
 ]

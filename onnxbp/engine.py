@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from . import analysis, metadata, unroll
+from . import analysis, arguments, metadata, unroll
 from .context import GradContext
 from .errors import (
     InternalError,
@@ -85,13 +85,14 @@ class Backward:
     infos: dict = field(default_factory=dict)
     forward_nodes: int = 0
     backward_nodes: int = 0
+    zeros: list = field(default_factory=list)  # wrt names whose gradient is structurally zero
 
 
 def backward(model: ModelLike, wrt: Optional[Iterable[str]] = None, seeds: SeedSpec = None, *,
              grad_names: Union[None, Mapping[str, str], Callable[[str], str]] = None,
              registry: Optional[Registry] = None,
              frozen: Iterable[str] = (), check: bool = True, inplace: bool = False,
-             **options: Any) -> Backward:
+             zero_unreachable: bool = False, base_dir: Optional[str] = None, **options: Any) -> Backward:
     """Add the backward subgraph of ``model`` and return where each gradient lives.
 
     ``model``: an ``onnx.ModelProto`` (copied unless ``inplace=True``) or a
@@ -105,45 +106,86 @@ def backward(model: ModelLike, wrt: Optional[Iterable[str]] = None, seeds: SeedS
     the seeded tensor's type).  ``grad_names`` (a dict, or a function of the
     parameter name) gives exact names to gradient tensors (the tensor is
     renamed, or an Identity added).  ``check``: run
-    ``onnx.checker`` (full) on entry and exit.  Options select lowerings
-    (``conv_strategy=...``; ``onnxbp ops``).
+    ``onnx.checker`` (full) on entry and exit.  ``zero_unreachable``: a
+    ``wrt`` name no gradient reaches (a structurally zero derivative, common
+    in second order: the gradient of a linear loss does not depend on the
+    last bias) gets a zero tensor of its shape, listed in ``.zeros`` and
+    logged, instead of a :class:`NotDifferentiableError`.  ``base_dir``: the
+    folder of the data files of a ModelProto whose tensors refer to external
+    data (a path's are read from its folder).  Options select
+    lowerings (``conv_strategy=...``; ``onnxbp ops``).
     """
-    if inplace and isinstance(model, onnx.ModelProto):
+    if inplace and isinstance(model, onnx.ModelProto) and base_dir is None:
         proto = model  # _Build runs the full check when asked
     else:
-        proto = load_model(model, check=check)
-    return _Build(proto, registry or REGISTRY, options, check).run(
-        None if wrt is None else _names(wrt), seeds, grad_names, frozen=frozen, check_exit=check)
+        proto = load_model(model, check=check, base_dir=base_dir, copy=not inplace)
+    return _Build(proto, _registry(registry), options, check).run(
+        None if wrt is None else _names(wrt), seeds, grad_names, frozen=frozen, check_exit=check,
+        zero_unreachable=zero_unreachable)
 
 
-def gradient(model: ModelLike, wrt: Optional[Iterable[str]] = None, *, grad_suffix: str = "_grad",
-             registry: Optional[Registry] = None, **options: Any) -> onnx.ModelProto:
+def gradient(model: ModelLike, wrt: Optional[Iterable[str]] = None, *, grad_suffix: Optional[str] = None,
+             registry: Optional[Registry] = None, zero_unreachable: Optional[bool] = None,
+             base_dir: Optional[str] = None, inplace: bool = False, **options: Any) -> onnx.ModelProto:
     """Return a model computing the forward outputs and the gradients of ``wrt``.
 
     ``model`` is an ``onnx.ModelProto`` (never modified) or a path.  ``wrt``
     names initializers or float graph inputs; ``None`` means every float
     initializer through which a gradient reaches an output.  The model gets
     one input ``<Y><grad_suffix>`` per float output (the upstream gradient)
-    and outputs ``<p><grad_suffix>``.  Options (``conv_strategy=...`` and
+    and outputs ``<p><grad_suffix>``.
+
+    ``grad_suffix=None`` is the suffix of the result's order
+    (:func:`metadata.order_suffix`): ``_grad`` for a forward model, ``_grad2``
+    when ``model`` is itself a gradient model (order 1, known from its
+    metadata, :func:`metadata.gradient_order`), ``_grad3`` next; so
+    ``gradient(gradient(m))`` adds inputs ``<Y>_grad2`` (``logits_grad2``,
+    ``<p>_grad_grad2`` for the first-order outputs) and outputs ``<p>_grad2``
+    next to the first-order ``<p>_grad``.  The order is recorded in the
+    metadata.  ``zero_unreachable`` (default: true
+    for a gradient model, false for a forward model) gives a ``wrt`` name no
+    gradient reaches a zero output, recorded in the metadata
+    (``onnxbp.zero_gradients``), instead of raising
+    :class:`NotDifferentiableError`.  Options (``conv_strategy=...`` and
     others, see ``onnxbp ops``) select lowerings.
+
+    Models with external data: a path's data files are read from its folder;
+    a ModelProto whose tensors still refer to external files needs
+    ``base_dir`` (their folder).  ``inplace=True`` (a ModelProto) builds on
+    ``model`` itself, which becomes the result, instead of on a copy: one
+    copy of the weights fewer (``onnxbp grad`` does this for a model it
+    loaded).
     """
-    proto = load_model(model)
-    build = _Build(proto, registry or REGISTRY, options, check=True)
+    proto = load_model(model, base_dir=base_dir, copy=not inplace)
+    order = metadata.gradient_order(proto) + 1
+    if grad_suffix is None:
+        grad_suffix = metadata.order_suffix(order)
+    arguments.suffix(grad_suffix, OptionError)
+    if zero_unreachable is None:
+        zero_unreachable = order > 1
+    build = _Build(proto, _registry(registry), options, check=True)
     seeds = {o.name: o.name + grad_suffix for o in build.view.graph.output if build.view.info(o.name).is_float}
     result = build.run(None if wrt is None else _names(wrt), seeds, lambda p: p + grad_suffix,
-                       check_exit=False, suffix_hint=True)
+                       check_exit=False, suffix_hint=True, zero_unreachable=zero_unreachable)
     g = result.model.graph
     for p, t in result.gradients.items():
         g.output.append(build.value_info(t, p, None))
-    metadata.set_gradient_names(result.model, result.gradients)
+    metadata.set_gradient_names(result.model, result.gradients, order=order, zeros=result.zeros)
     check_full(result.model, InternalError, "the gradient model fails the ONNX checker")
-    log.info("gradient model: %d forward nodes, %d backward nodes, %d gradients",
-             result.forward_nodes, result.backward_nodes, len(result.gradients))
+    log.info("gradient model (order %d): %d forward nodes, %d backward nodes, %d gradients%s",
+             order, result.forward_nodes, result.backward_nodes, len(result.gradients),
+             f", {len(result.zeros)} structurally zero" if result.zeros else "")
     return result.model
 
 
 def _names(wrt: Iterable[str]) -> list:
-    return [wrt] if isinstance(wrt, str) else list(wrt)
+    return arguments.names(wrt, "wrt", WrtError)
+
+
+def _registry(registry: Optional[Registry]) -> Registry:
+    if registry is None:
+        return REGISTRY
+    return arguments.instance(registry, Registry, "registry", OptionError, " (onnxbp.Registry)")
 
 
 class _Build:
@@ -198,9 +240,13 @@ class _Build:
 
     # ------------------------------------------------------------ the build
     def run(self, wrt: Optional[list], seeds: SeedSpec, grad_names, *, check_exit: bool,
-            frozen: Iterable[str] = (), suffix_hint: bool = False, partial: bool = False) -> Backward:
+            frozen: Iterable[str] = (), suffix_hint: bool = False, partial: bool = False,
+            zero_unreachable: bool = False) -> Backward:
         seed_map = self._seed_map(seeds)
         targets = list(seed_map)
+        frozen = arguments.names(frozen, "frozen", WrtError)
+        if not callable(grad_names):
+            arguments.mapping(grad_names, "grad_names", WrtError, str)
         params = analysis.resolve_wrt(self.view, wrt, targets, frozen)
         if self._unroll(params, targets):
             params = analysis.resolve_wrt(self.view, wrt, targets, frozen)
@@ -209,9 +255,17 @@ class _Build:
             params = [p for p in params if p in reach]
             if not params:
                 return Backward(self.model, {}, {}, [], self.view.infos, len(self.view.nodes), 0)
-        else:
+        zeros: list = []
+        if not partial and zero_unreachable:
+            reach = analysis.path(self.view, params, targets).useful
+            zeros = [p for p in params if p not in reach]
+            for p in zeros:
+                log.info("the gradient of %r is structurally zero (%s): a zero tensor", p,
+                         analysis.explain_unreachable(self.view, p, targets))
+        elif not partial:
             analysis.check_reachable(self.view, params, targets)
-        on_path = analysis.path(self.view, params, targets).nodes
+        live = [p for p in params if p not in zeros]
+        on_path = analysis.path(self.view, live, targets).nodes
         analysis.check_path_ops(self.view, on_path)
         need = _needed_opset(self.view, on_path)
         if need > self.view.opset and self._names is not None:
@@ -219,10 +273,10 @@ class _Build:
         if need > self.view.opset:
             log.info("converting the model from opset %d to %d: the backward ops need it", self.view.opset, need)
             self._prepare(convert_opset(self.model, need, "the backward graph"))
-            analysis.check_path_ops(self.view, analysis.path(self.view, params, targets).nodes)
+            analysis.check_path_ops(self.view, analysis.path(self.view, live, targets).nodes)
         if callable(grad_names):
             grad_names = {p: grad_names(p) for p in params}
-        return self._build(params, targets, seed_map, grad_names or {}, check_exit, suffix_hint)
+        return self._build(params, targets, seed_map, grad_names or {}, check_exit, suffix_hint, zeros)
 
     def _unroll(self, params: list, targets: list) -> bool:
         """Unroll the Loop and Scan nodes a requested gradient flows through (:mod:`onnxbp.unroll`),
@@ -244,10 +298,8 @@ class _Build:
         graph = self.view.graph
         if seeds is None:
             return {o.name: o.name + "_grad" for o in graph.output if self.view.info(o.name).is_float}
-        if isinstance(seeds, str):
-            seeds = [seeds]
         if not isinstance(seeds, Mapping):
-            seeds = {s: 1.0 for s in seeds}
+            seeds = {s: 1.0 for s in arguments.names(seeds, "seeds", WrtError)}
         if not seeds:
             raise WrtError("seeds is empty; name the tensors to differentiate (a loss), or pass seeds=None "
                            "(every float output, each with an upstream-gradient input)")
@@ -264,10 +316,10 @@ class _Build:
         return out
 
     def _build(self, params: list, targets: list, seed_map: dict, grad_names: Mapping[str, str],
-               check_exit: bool, suffix_hint: bool) -> Backward:
+               check_exit: bool, suffix_hint: bool, zeros: Sequence[str] = ()) -> Backward:
         view, w = self.view, self.writer
         g = view.graph
-        path = analysis.path(view, params, targets)
+        path = analysis.path(view, [p for p in params if p not in zeros], targets)
         existing = view.tensor_names()
         grads: dict = {}
         seed_tensors, seed_inputs, new_inputs = {}, [], []
@@ -311,6 +363,9 @@ class _Build:
 
         sources = {}
         for p in params:
+            if p in zeros:
+                sources[p] = self._zero_gradient(p)
+                continue
             src = self._accumulate(grads, p)
             if src is None:  # pragma: no cover - excluded by the reachability check
                 raise InternalError(f"no gradient was produced for {p!r}")
@@ -324,7 +379,19 @@ class _Build:
         if check_exit:
             check_full(self.model, InternalError, "the backward graph fails the ONNX checker")
         return Backward(self.model, gradients, seed_tensors, seed_inputs, view.infos,
-                        len(view.nodes), len(nodes))
+                        len(view.nodes), len(nodes), [p for p in params if p in zeros])
+
+    def _zero_gradient(self, p: str) -> str:
+        """The structurally zero gradient of ``p``: zeros of its shape (static: from a shape constant)."""
+        w = self.writer.scoped(f"{p}_grad", f"onnxbp: the gradient of '{p}' is structurally zero "
+                                             f"(no gradient reaches it from the seeds)")
+        info = self.view.info(p)
+        if w.opset >= 9 and info.shape is not None and all(isinstance(d, int) for d in info.shape):
+            out = w.zeros(w.ints(list(info.shape)), info.elem_type)
+        else:
+            out = w.zeros_like(p)
+        self.view.infos[out] = info
+        return out
 
     def _claim(self, name: str, what: str, suffix_hint: bool) -> None:
         """Reserve a name the caller fixes, or raise naming the tensor or node that already has it."""

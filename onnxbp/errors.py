@@ -56,5 +56,9 @@ class InternalError(OnnxbpError):
     """onnxbp produced a graph that fails the ONNX checker: a bug, please report it."""
 
 
+class MemoryLimitError(OnnxbpError):
+    """The job would need more memory than the machine has available; nothing was written."""
+
+
 class OptionError(OnnxbpError):
     """An unknown option, or a value outside its choices."""

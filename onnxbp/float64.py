@@ -25,6 +25,9 @@ LRN
 Erf
     Abramowitz & Stegun 7.1.26 (smooth, ``|error| < 1.5e-7``).
 
+``stash_type`` (the precision of LayerNormalization's, GroupNormalization's
+and RMSNormalization's statistics, float by default) is widened with the rest.
+
 The rewrites need concrete input shapes: initializers' dims and one
 onnxruntime run on the given feeds (:func:`runtime_shapes`).  Models below
 opset 13 are converted first (the rewrites write Pad, Slice and ReduceMean
@@ -46,7 +49,7 @@ from .modelio import convert_opset, cpu_session
 from .rules import conv_arith as ca
 from .rules import pool_arith as pa
 from .types import default_opset
-from .writer import GraphWriter
+from .writer import GraphWriter, set_attr
 
 _F, _D = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
 
@@ -54,6 +57,10 @@ _F, _D = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
 #: The float types a check computes in a wider type (float64, or float32 for float16/bfloat16).
 _NARROWER = {_D: (_F, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16),
              _F: (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)}
+
+
+#: Ops whose ``stash_type`` (default float) sets the precision of their statistics.
+_STASHED = ("LayerNormalization", "GroupNormalization", "RMSNormalization")
 
 
 def to_float64(model: onnx.ModelProto, target: int = _D) -> onnx.ModelProto:
@@ -76,10 +83,12 @@ def to_float64(model: onnx.ModelProto, target: int = _D) -> onnx.ModelProto:
             if init.data_type in narrow:
                 init.CopyFrom(widen(init))
         for node in g.node:
+            if node.op_type in _STASHED and not any(a.name == "stash_type" for a in node.attribute):
+                set_attr(node, "stash_type", _F)  # the default, widened below: statistics in ``target``
             for a in node.attribute:
                 if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in narrow:
                     a.t.CopyFrom(widen(a.t))
-                elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i in narrow:
+                elif a.name in ("to", "dtype", "stash_type") and a.type == onnx.AttributeProto.INT and a.i in narrow:
                     a.i = target
                 elif a.type == onnx.AttributeProto.GRAPH:
                     fix_graph(a.g)

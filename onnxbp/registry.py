@@ -216,6 +216,18 @@ def _as_list(x) -> list:
 #: The default registry, which the built-in rules populate.
 REGISTRY = Registry()
 
+#: Lowering targets (option ``target``): which runtimes the emitted ops must run in.
+TARGETS = ("onnxruntime", "portable")
+
+REGISTRY.declare_option(
+    "target", choices=TARGETS, default="onnxruntime",
+    help="the runtimes the gradient ops are lowered for: 'onnxruntime' = the forms measured fastest "
+         "there; 'portable' = forms that onnxruntime, onnx's ReferenceEvaluator, OpenVINO and tract all "
+         "run with a symbolic batch: no Conv/ConvTranspose weight gradient uses a runtime-shaped kernel "
+         "(group 1: one Gemm on the im2col matrix; grouped: a batched MatMul per group), see "
+         "docs/portability.md",
+)
+
 
 def register_gradient(op_type: str, domain: str = "", **kwargs) -> Callable[[Callable], Callable]:
     """Decorator registering a gradient rule in the default registry.

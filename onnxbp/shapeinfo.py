@@ -6,7 +6,8 @@ onnx's data propagation stops at some of these ops, leaving the dims after
 the Reshape unknown, although they are static except for the batch.  This
 module evaluates such small integer subgraphs on partially known values
 (ints, symbolic dim names, or unknown), writes the dims it learns for
-Reshape/Expand outputs back as value_info, and lets onnx infer the rest
+Reshape/Expand outputs (and GroupNormalization's, which onnx does not infer)
+back as value_info, and lets onnx infer the rest
 again.  Nothing here changes the model the user gets back.
 """
 
@@ -47,7 +48,37 @@ def infer(model: onnx.ModelProto, rounds: int = 32) -> dict:
             vi.CopyFrom(helper.make_tensor_value_info(name, elem, dims))
         log.debug("shape folding learned the dims of %d tensors", len(learned))
         infos = tensor_infos(_onnx_infer(work))
+    _ceil_pool_outputs(work, infos)
     return infos
+
+
+def _spatial(info: Optional[TensorInfo]) -> Optional[tuple]:
+    return None if info is None or info.shape is None else tuple(info.shape[2:])
+
+
+def _ceil_pool_outputs(model: onnx.ModelProto, infos: dict) -> None:
+    """A ceil_mode pool output read only by Slices to onnxruntime's size (``onnxbp.repair``) has that
+    size at run time, although onnx infers the window onnxruntime drops: record the runtime shape."""
+    from .repair import runtime_spatial
+
+    readers: dict = {}
+    for node in model.graph.node:
+        for i in node.input:
+            readers.setdefault(i, []).append(node)
+    for node in model.graph.node:
+        if node.op_type not in ("MaxPool", "AveragePool") or node.domain not in ("", "ai.onnx"):
+            continue
+        runtime = runtime_spatial(node, infos)
+        for y in node.output[:2]:
+            info = infos.get(y)
+            if runtime is None or not y or info is None or info.shape is None or len(info.shape) != len(runtime) + 2:
+                continue
+            want = tuple(info.shape[:2]) + tuple(runtime)
+            users = readers.get(y, [])
+            if users and tuple(info.shape) != want and all(
+                    u.op_type == "Slice" and u.input[0] == y and y not in u.input[1:]
+                    and _spatial(infos.get(u.output[0])) == tuple(runtime) for u in users):
+                infos[y] = TensorInfo(info.elem_type, want)
 
 
 def _onnx_infer(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -121,6 +152,11 @@ def _fold(model: onnx.ModelProto, infos: dict) -> dict:
                 i in vals for i in node.input[1:] if i):
             _learn(learned, infos, node.output[0], node.input[0],
                    _slice_dims(infos.get(node.input[0]), [vals[i] if i else None for i in node.input[1:]]))
+        elif node.op_type == "GroupNormalization" and node.input and node.output:
+            # onnx has no shape inference for it (a function op): Y has X's type and shape
+            src = infos.get(node.input[0])
+            if src is not None and src.shape is not None:
+                _learn(learned, infos, node.output[0], node.input[0], list(src.shape))
         elif node.op_type == "Expand" and len(node.input) > 1 and node.input[1] in vals:
             src = infos.get(node.input[0])
             target = list(vals[node.input[1]].reshape(-1))

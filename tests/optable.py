@@ -359,6 +359,23 @@ def _bn_ref(a):
     return f
 
 
+def _group_norm_ref(a):
+    return lambda x, s, b: _F().group_norm(x, a["num_groups"], s, b, float(np.float32(a.get("epsilon", 1e-5))))
+
+
+def _attention_ref(a):
+    def f(q, k, v, mask=None):
+        F = _F()
+        three = q.dim() == 3
+        if three:  # (B, L, H*E) -> (B, H, L, E)
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], h, -1).transpose(1, 2)
+                       for t, h in ((q, a["q_num_heads"]), (k, a["kv_num_heads"]), (v, a["kv_num_heads"])))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=bool(a.get("is_causal", 0)),
+                                           scale=a.get("scale"), enable_gqa=q.shape[1] != k.shape[1])
+        return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1) if three else y
+    return f
+
+
 def _gemm_ref(a):
     def f(A, B, C=None):
         A = A.T if a.get("transA", 0) else A
@@ -924,6 +941,31 @@ TABLE: list = [
            attrs=({"epsilon": 1e-4},),
            ref=lambda a: lambda x, s, b=None: _F().layer_norm(x, tuple(x.shape[a.get("axis", -1) % x.dim():]), s, b,
                                                               float(np.float32(a["epsilon"]))),),
+    OpInfo("GroupNormalization", (S("3d-2groups", {"num_groups": 2}, X=R(2, 6, 3), scale=R(6), bias=R(6)),
+                                  S("4d-3groups", {"num_groups": 3}, X=R(2, 6, 2, 3), scale=R(6), bias=R(6)),
+                                  S("4d-per-channel-groups", {"num_groups": 4}, X=R(1, 4, 2, 3), scale=R(4),
+                                    bias=R(4))),
+           opsets=(21,), attrs=({"epsilon": 1e-3},), ref=_group_norm_ref,
+           note="opset 21: scale and bias per channel (onnx's checker refuses opsets 18-20 as deprecated)"),
+    OpInfo("RMSNormalization", (S("last-axis", X=R(2, 3, 4), scale=R(4)),
+                                S("axis1", {"axis": 1}, X=R(2, 3, 4), scale=R(3, 4)),
+                                S("axis-2-broadcast-scale", {"axis": -2}, X=R(2, 3, 4), scale=R(4))),
+           opsets=(23,), attrs=({"epsilon": 1e-3},),
+           ref=lambda a: lambda x, s: _F().rms_norm(x, tuple(x.shape[a.get("axis", -1) % x.dim():]), None,
+                                                    float(np.float32(a["epsilon"]))) * s),
+    OpInfo("Attention", (S("4d", Q=R(2, 2, 3, 4), K=R(2, 2, 5, 4), V=R(2, 2, 5, 3)),
+                         S("4d-grouped-heads", Q=R(1, 4, 3, 4), K=R(1, 2, 5, 4), V=R(1, 2, 5, 4)),
+                         S("3d-heads", {"q_num_heads": 2, "kv_num_heads": 1}, Q=R(2, 3, 8), K=R(2, 5, 4),
+                           V=R(2, 5, 6)),
+                         S("causal-scale", {"is_causal": 1, "scale": 0.3}, Q=R(1, 2, 4, 4), K=R(1, 2, 4, 4),
+                           V=R(1, 2, 4, 2)),
+                         S("float-mask", Q=R(1, 2, 3, 4), K=R(1, 2, 5, 4), V=R(1, 2, 5, 3), attn_mask=R(3, 5)),
+                         S("bool-mask", Q=R(1, 2, 3, 4), K=R(1, 2, 5, 4), V=R(1, 2, 5, 3),
+                           attn_mask=_bool([[True, False, True, True, False], [False, False, True, False, False],
+                                            [True, True, True, True, True]])),
+                         _with(S("softcap", {"softcap": 2.0}, Q=R(1, 2, 3, 4), K=R(1, 2, 5, 4), V=R(1, 2, 5, 3),
+                                 attn_mask=R(1, 1, 3, 5)), ref=False)),
+           opsets=(23,), ref=_attention_ref, note="torch has no softcap: finite differences only there"),
     OpInfo("LRN", (S("C5", X=R(1, 5, 3, 3)),), opsets=(13,),
            attrs=({"size": 3, "alpha": 0.5, "beta": 0.75, "bias": 1.0}, {"size": 5, "alpha": 2.0, "beta": 0.5, "bias": 2.0}),
            ref=_lrn_ref,

@@ -122,7 +122,8 @@ def test_wrong_conv_rule_is_caught_in_float64():
 
     lenet = Path(__file__).resolve().parent.parent / "models" / "lenet.onnx"
     reg = _registry_with("Conv", bad_conv, min_opset=11)
-    reg.declare_option("conv_strategy", ("auto",), "auto", "test")
+    reg.declare_option("conv_strategy", ("auto",), "auto", "test")  # the options the built-in rule reads
+    reg.declare_option("target", ("onnxruntime",), "onnxruntime", "test")
     gm = onnxbp.gradient(str(lenet), ["conv2.weight", "conv1.bias"], registry=reg)
     report = onnxbp.check_gradients(str(lenet), grad_model=gm)
     assert {r.name: r.passed for r in report.results} == {"conv2.weight": False, "conv1.bias": True}
@@ -245,3 +246,25 @@ def test_float16_wrong_gradient_still_fails():
     report = onnxbp.check_gradients(m, grad_model=gm)
     assert not report.passed
     assert [r.name for r in report.results if not r.passed] == ["W"]
+
+
+def test_a_check_that_would_not_fit_in_memory_is_refused_up_front(monkeypatch):
+    import onnxbp.checker as checker
+
+    monkeypatch.setattr(checker, "_available_memory", lambda: 100 << 20)
+    with pytest.raises(onnxbp.MemoryLimitError) as exc:
+        onnxbp.check_gradients(_f16_mlp())
+    text = str(exc.value)
+    assert "\n" not in text
+    assert text.startswith("checking this model needs about 0.3 GiB (8 copies of its 0.00 GiB of initializers); "
+                           "0.1 GiB are available")
+
+
+def test_finite_differences_leave_the_parameter_values_untouched():
+    """The float64 and float32 checks perturb a work copy in place; the caller's values stay as given."""
+    m = _f16_mlp()
+    w = onnx.numpy_helper.to_array(m.graph.initializer[0]).copy()
+    for precision in ("float64", "float32"):
+        report = onnxbp.check_gradients(m, precision=precision)
+        assert report.passed, report.table()
+    assert np.array_equal(onnx.numpy_helper.to_array(m.graph.initializer[0]), w)

@@ -115,14 +115,14 @@ def test_python_m_onnxbp_from_a_checkout(tmp_path):
 
 
 def test_library_never_imports_the_cli_nor_optional_packages(tmp_path):
-    """The CLI depends on the library, never the reverse; nothing imports torch, sklearn or matplotlib
+    """The CLI depends on the library, never the reverse; nothing imports torch, sklearn, matplotlib or mpi4py
     at import time (matplotlib is loaded by ``train --plot`` only)."""
     code = ("import sys, onnxbp, onnxbp.training, onnxbp.__main__\n"
             "lib = sorted(m for m in sys.modules if m.split('.')[0] == 'cli')\n"
             "import cli.main, cli.train\n"
             "cli.main.build_parser()\n"
             "opt = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'sklearn', 'matplotlib', 'scipy', "
-            "'onnx_graphsurgeon'})\n"
+            "'onnx_graphsurgeon', 'mpi4py'})\n"
             "print(lib, opt)")
     proc = _run(["-c", code], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

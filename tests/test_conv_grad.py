@@ -12,7 +12,7 @@ Every case builds one tiny Conv model, runs the gradient model once
 The grid: hand-picked edge cases plus a seeded sampler over dims 1/2/3,
 strides, dilations, pads (asymmetric, >= effective kernel), auto_pad modes,
 groups (1, depthwise, depthwise x multiplier, general), bias on/off and
-kernel_shape present/absent; each case runs under both strategies.
+kernel_shape present/absent; each case runs under every strategy and target="portable".
 """
 
 from __future__ import annotations
@@ -29,6 +29,13 @@ import onnxbp
 from onnxbp.rules import conv_arith as ca
 
 STRATEGIES = ("transpose", "seed", "patches")
+#: The lowerings the gradient checks cover: each conv_strategy, and target="portable" (no runtime-shaped
+#: weight-gradient kernel: im2col Gemm for group 1, a batched MatMul per group otherwise).
+LOWERINGS = STRATEGIES + ("portable",)
+
+
+def _opts(lowering: str) -> dict:
+    return {"target": "portable"} if lowering == "portable" else {"conv_strategy": lowering}
 GROUPS = [  # (C, M, group)
     (2, 3, 1), (3, 2, 1), (4, 4, 4), (3, 6, 3), (4, 6, 2), (6, 4, 2), (1, 2, 1),
 ]
@@ -179,14 +186,14 @@ def _record(strategy, kind, grad, err, what):
         WORST[key] = (err, what)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", LOWERINGS)
 @pytest.mark.parametrize("case", GRID, ids=[f"{i:03d}-{_id(c)}" for i, c in enumerate(GRID)])
 def test_conv_grad_grid(case, strategy):
     rng = np.random.default_rng(zlib.crc32(_id(case).encode()))
     model = _conv_model(case)
     feeds = _feeds(case, rng)
     wrt = [k for k in ("X", "W", "B") if k in feeds]
-    gm, outs, grads, ups = run_gradient(model, feeds, wrt, conv_strategy=strategy)
+    gm, outs, grads, ups = run_gradient(model, feeds, wrt, **_opts(strategy))
     for k in wrt:
         assert grads[k].shape == feeds[k].shape, k
     if HAS_TORCH:
@@ -231,31 +238,31 @@ def test_grid_size_and_coverage():
     assert {True, False} == {c["bias"] for c in GRID} == {c["kshape"] for c in GRID}
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", LOWERINGS)
 def test_untouched_rows_get_exact_zero(strategy):
     """H=8, k=3, s=2: input row/col 7 is read by no window, its gradient is exactly 0."""
     c = _case(2, (8, 8), (3, 3), (2, 2), (1, 1), bias=False)
     rng = np.random.default_rng(7)
     feeds = _feeds(c, rng)
-    _, _, grads, _ = run_gradient(_conv_model(c), feeds, ["X"], conv_strategy=strategy)
+    _, _, grads, _ = run_gradient(_conv_model(c), feeds, ["X"], **_opts(strategy))
     dx = grads["X"]
     assert np.all(dx[:, :, 7, :] == 0.0) and np.all(dx[:, :, :, 7] == 0.0)
     assert np.all(dx[:, :, :7, :7] != 0.0)  # every other position is read (tie-free random data)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", LOWERINGS)
 def test_worked_example_zero_rows(strategy):
     """docs' example (n=10, k=3, s=2, d=2, pads (2, 0)): odd rows and the tail row 9 are read by
     no window, so their gradient is exactly 0; the even rows are not."""
     c = _case(1, (10,), (3,), (2,), (2,), pads=(2, 0), bias=False)
     feeds = _feeds(c, np.random.default_rng(5))
-    _, _, grads, _ = run_gradient(_conv_model(c), feeds, ["X"], conv_strategy=strategy)
+    _, _, grads, _ = run_gradient(_conv_model(c), feeds, ["X"], **_opts(strategy))
     dx = grads["X"]
     assert np.all(dx[:, :, 1::2] == 0.0)
     assert np.all(dx[:, :, 0:9:2] != 0.0)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", LOWERINGS)
 def test_symbolic_batch(strategy):
     """X has batch dim 'N'; one gradient model runs with batch 2 and 3."""
     c = _case(2, (7, 6), (3, 2), (2, 1), (1, 2), group=(4, 6, 2), pads=(1, 0, 0, 2))
@@ -263,7 +270,7 @@ def test_symbolic_batch(strategy):
     for batch in (2, 3):
         rng = np.random.default_rng(batch)
         feeds = _feeds(c, rng, batch)
-        _, _, grads, ups = run_gradient(model, feeds, ["X", "W", "B"], conv_strategy=strategy)
+        _, _, grads, ups = run_gradient(model, feeds, ["X", "W", "B"], **_opts(strategy))
         assert grads["X"].shape[0] == batch
         if HAS_TORCH:
             _, ref = _torch_ref(c, feeds, ups["Y"])
@@ -271,14 +278,14 @@ def test_symbolic_batch(strategy):
                 assert_close(grads[k], ref[k], 1e-4, 1e-5, f"d{k} batch {batch}")
 
 
-@pytest.mark.parametrize("strategy", ("auto",) + STRATEGIES)
+@pytest.mark.parametrize("strategy", ("auto",) + LOWERINGS)
 @pytest.mark.parametrize("wrt", (["X"], ["W"], ["B"], ["W", "B"]))
 def test_only_requested_gradients(strategy, wrt):
     """Each gradient is emitted only when needed: no ConvTranspose/Conv for dB alone."""
     c = _case(2, (6, 6), (3, 3), (2, 1), (1, 1), pads=(1, 0, 1, 1))
     model = _conv_model(c)
     feeds = _feeds(c, np.random.default_rng(3))
-    gm, _, grads, ups = run_gradient(model, feeds, wrt, conv_strategy=strategy)
+    gm, _, grads, ups = run_gradient(model, feeds, wrt, **_opts(strategy))
     assert set(grads) == set(wrt)
     added = [n.op_type for n in gm.graph.node][len(model.graph.node):]
     added = [op for op in added if op != "Constant"]
@@ -331,14 +338,14 @@ def test_auto_weight_gradient_lowering(channels, group, expect):
         assert "Gemm" not in ops and ops.count("Conv") == 1
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", LOWERINGS)
 @pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER"])
 def test_same_with_dilation(strategy, mode):
     """onnxruntime refuses to run Conv with SAME and dilation > 1; the gradient still follows the
     ONNX spec: its backward is checked by swapping in the explicit-pads forward node."""
     c = _case(2, (7, 6), (3, 2), (2, 1), (2, 3), group=(4, 6, 2), auto_pad=mode)
     pads = ca.resolve_auto_pad(mode, c["n"], c["k"], c["s"], c["d"])
-    gm = onnxbp.gradient(_conv_model(c), ["X", "W", "B"], conv_strategy=strategy)
+    gm = onnxbp.gradient(_conv_model(c), ["X", "W", "B"], **_opts(strategy))
     fwd = gm.graph.node[0]
     assert fwd.op_type == "Conv" and any(a.name == "auto_pad" for a in fwd.attribute)
     explicit = helper.make_node("Conv", list(fwd.input), list(fwd.output), name=fwd.name, pads=pads,
@@ -356,14 +363,14 @@ def test_same_with_dilation(strategy, mode):
             assert_close(res[k + "_grad"], ref[k], 1e-4, 1e-5, f"d{k}")
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", LOWERINGS)
 @pytest.mark.parametrize("opset", [9, 11, 13, 21])
 def test_opsets(strategy, opset):
     """Old models are upgraded to opset 11 (Pad/Slice inputs); newer ones keep their opset."""
     c = _case(2, (7, 6), (3, 2), (2, 1), (1, 2), group=(4, 6, 2), pads=(1, 0, 0, 2))
     model = _conv_model(c, opset=opset)
     feeds = _feeds(c, np.random.default_rng(opset))
-    gm, _, grads, ups = run_gradient(model, feeds, ["X", "W", "B"], conv_strategy=strategy)
+    gm, _, grads, ups = run_gradient(model, feeds, ["X", "W", "B"], **_opts(strategy))
     assert max(i.version for i in gm.opset_import if i.domain in ("", "ai.onnx")) == max(opset, 11)
     if HAS_TORCH:
         _, ref = _torch_ref(c, feeds, ups["Y"])
@@ -431,3 +438,39 @@ def test_worst_relative_errors():
         # torch: float32 ORT vs float64 torch; fd: float32 random directions (checker's own tolerance)
         assert math.isfinite(err) and err < (1e-4 if kind == "torch" else 1e-2)
     print("\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=[f"g{c}.{m}.{g}" for c, m, g in GROUPS])
+@pytest.mark.parametrize("dims", (1, 2, 3))
+def test_portable_weight_gradient_has_no_runtime_kernel(dims, group):
+    """target="portable": dW adds no Conv/ConvTranspose (their kernel would be dY or X, shaped at run
+    time: OpenVINO and tract refuse that with a symbolic batch): one Gemm for group 1, one batched
+    MatMul per group otherwise; the values match torch with a symbolic batch."""
+    n, k, s, d = [(7,), (5, 6), (4, 3, 4)][dims - 1], [(3,), (3, 2), (2, 2, 1)][dims - 1], \
+        [(2,), (1, 2), (2, 1, 1)][dims - 1], [(1,), (2, 1), (1, 1, 2)][dims - 1]
+    c = _case(dims, n, k, s, d, group=group, pads=[1] * dims + [0] * dims)
+    model = _conv_model(c, batch_dim="N")
+    gm = onnxbp.gradient(model, ["W"], target="portable")
+    added = [nd.op_type for nd in gm.graph.node][len(model.graph.node):]
+    assert "Conv" not in added and "ConvTranspose" not in added, added
+    assert added.count("Gemm" if group[2] == 1 else "MatMul") == 1, added
+    feeds = _feeds(c, np.random.default_rng(dims * 10 + group[2]), 3)
+    _, _, grads, ups = run_gradient(model, feeds, ["W"], target="portable")
+    if HAS_TORCH:
+        _, ref = _torch_ref(c, feeds, ups["Y"])
+        assert_close(grads["W"], ref["W"], 1e-4, 1e-5, "dW portable")
+
+
+def test_cli_target_flag(tmp_path):
+    """The declared option reaches the CLI as --target; a grouped conv's dW then has no Conv."""
+    import onnx
+    from cli.main import main
+
+    c = _case(2, (8, 8), (3, 3), (2, 2), (1, 1), group=(4, 6, 2))
+    src, dst = tmp_path / "conv.onnx", tmp_path / "grad.onnx"
+    onnx.save(_conv_model(c, batch_dim="N"), src)
+    assert main(["grad", str(src), "-o", str(dst), "--wrt", "W", "--target", "portable"]) == 0
+    ops = [n.op_type for n in onnx.load(dst).graph.node]
+    assert ops.count("Conv") == 1 and "ConvTranspose" not in ops and "MatMul" in ops
+    with pytest.raises(SystemExit):
+        main(["grad", str(src), "-o", str(dst), "--target", "tensorrt"])

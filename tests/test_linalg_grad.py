@@ -126,3 +126,19 @@ def test_matmul_symbolic_batch_weight_gradient():
         ref_w = np.einsum("bsk,bsn->kn", x.astype(np.float64), ups["Y"].astype(np.float64))
         assert_close(grads["W"], ref_w, 1e-5, 1e-6, "dW")
         assert_close(grads["X"], ups["Y"].astype(np.float64) @ w.T.astype(np.float64), 1e-5, 1e-6, "dX")
+
+
+@pytest.mark.parametrize("b_batch", [2, 1], ids=["same", "broadcast"])
+def test_matmul_batch_dims_named_differently(b_batch):
+    """Batch dims that shape inference names differently ('na' vs 'nb', as a TorchScript export of an
+    attention block leaves them) are resolved at run time: summed where B's dim is 1."""
+    rng = np.random.default_rng(7 + b_batch)
+    a = rng.standard_normal((2, 2, M, K)).astype(np.float32)
+    b = rng.standard_normal((b_batch, 2, K, N)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["A", "B"], ["Y"], name="mm")],
+                       [("A", np.float32, ["na", 2, M, K]), ("B", np.float32, ["nb", 2, K, N])],
+                       [("Y", np.float32, ["ny", 2, M, N])])
+    feeds = {"A": a, "B": b}
+    _, _, grads, _ = run_gradient(model, feeds, ["A", "B"])
+    assert grads["B"].shape == b.shape and grads["A"].shape == a.shape
+    assert_fd(model, ["A", "B"], feeds=feeds, rtol=1e-4)

@@ -456,3 +456,58 @@ def test_float64_batchnorm_training_layernorm_dropout():
     model = make_model(nodes, [("X", D, ["n", c, 4])], [("Y", D, ["n", c, 4])], inits, opset=15 + 2)
     x = rng.standard_normal((5, c, 4))
     _check("BatchNormalization (training)", model, {"X": x}, ["X", "scale", "B", "S"])
+
+
+# ---------------------------------------------------------------- GroupNormalization, RMSNormalization, Attention
+def _gn_model(opset, scale_len, groups=2):
+    from onnx import numpy_helper
+
+    node = helper.make_node("GroupNormalization", ["X", "s", "b"], ["Y"], num_groups=groups)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 6, 3])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 6, 3])],
+        [numpy_helper.from_array(np.linspace(0.5, 1.5, scale_len).astype(np.float32), "s"),
+         numpy_helper.from_array(np.zeros(scale_len, np.float32), "b")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 10
+    return m
+
+
+def test_group_norm_symbolic_batch_and_downstream_shapes():
+    """onnx infers no shape for GroupNormalization; onnxbp's shape inference gives Y X's shape, so a
+    rule downstream that needs ranks (Softmax over an axis) works, with a symbolic batch."""
+    m = _gn_model(21, 6)
+    m.graph.node.append(helper.make_node("Softmax", ["Y"], ["Z"], axis=1))
+    m.graph.output[0].name = "Z"
+    for n in (1, 3):
+        x = np.random.default_rng(n).standard_normal((n, 6, 3)).astype(np.float32)
+        gm, outs, grads, ups = run_gradient(m, {"X": x}, ["X", "s", "b"])
+        assert grads["s"].shape == (6,) and grads["X"].shape == (n, 6, 3)
+        assert_fd(m, ["X", "s", "b"], feeds={"X": x}, grad_model=gm)
+
+
+def test_group_norm_refusals():
+    with pytest.raises(onnxbp.ModelLoadError, match=r"fails the ONNX checker: Op registered for GroupNormalization "
+                                                    r"is deprecated in domain_version of 18"):
+        onnxbp.gradient(_gn_model(18, 2))
+    with pytest.raises(onnxbp.UnsupportedAttributeError,
+                       match=r"\(GroupNormalization, opset 21\): scale has 2 values but opset 21 takes one per "
+                             r"channel \(6\); opsets 18-20 took one per group"):
+        onnxbp.gradient(_gn_model(21, 2))
+
+
+def test_attention_refusals():
+    q = ("Q", np.float32, [1, 2, 3, 4])
+    kv = [("K", np.float32, [1, 2, 5, 4]), ("V", np.float32, [1, 2, 5, 4])]
+    past = [("pk", np.float32, [1, 2, 2, 4]), ("pv", np.float32, [1, 2, 2, 4])]
+    node = helper.make_node("Attention", ["Q", "K", "V", "", "pk", "pv"], ["Y", "PK", "PV"])
+    m = make_model([node], [q] + kv + past, [("Y", np.float32, [1, 2, 3, 4]), ("PK", np.float32, [1, 2, 7, 4]),
+                                              ("PV", np.float32, [1, 2, 7, 4])], opset=23)
+    with pytest.raises(onnxbp.UnsupportedAttributeError,
+                       match=r"\(Attention, opset 23\): past_key/past_value \(a KV cache\) are not supported"):
+        onnxbp.gradient(m, ["Q"])
+    node = helper.make_node("Attention", ["Q", "K", "V"], ["Y", "PK"])
+    m = make_model([node], [q] + kv, [("Y", np.float32, [1, 2, 3, 4]), ("PK", np.float32, [1, 2, 5, 4])], opset=23)
+    with pytest.raises(onnxbp.UnsupportedAttributeError,
+                       match=r"output 1 \(present_key\) is differentiated; only output 0 \(Y\) is supported"):
+        onnxbp.gradient(m, ["K"])

@@ -202,3 +202,47 @@ def test_pure_modules():
         mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         mods |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert not [m for m in mods if m.startswith("onnx") or "registry" in m], (name, mods)
+
+
+# ------------------------------------------------------------------ onnx's inferred size
+def _onnx_inferred(n_list, pads_list, k, s, d, auto_pad, ceil):
+    """onnx's shape inference of one pool with one spatial axis per (n, pads), all with (k, s, d)."""
+    import onnx
+    from onnx import helper
+
+    nsp = len(n_list)
+    attrs = {"kernel_shape": [k] * nsp, "strides": [s] * nsp, "dilations": [d] * nsp, "ceil_mode": ceil}
+    if auto_pad == "NOTSET":
+        attrs["pads"] = [p[0] for p in pads_list] + [p[1] for p in pads_list]
+    else:
+        attrs["auto_pad"] = auto_pad
+    node = helper.make_node("AveragePool", ["X"], ["Y"], **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", 1, [1, 1] + list(n_list))],
+                              [helper.make_tensor_value_info("Y", 1, None)])
+    m = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]))
+    return [dim.dim_value for dim in m.graph.output[0].type.tensor_type.shape.dim[2:]]
+
+
+@pytest.mark.parametrize("k,s,d,auto_pad,ceil", GRID)
+def test_onnx_out_size_is_onnx_shape_inference(k, s, d, auto_pad, ceil):
+    """onnx_out_size against onnx itself; where it and onnxruntime (pool_axis) differ it is exactly the
+    ceil_mode window that would start in the end padding, which ceil_mode_disagreement recognises."""
+    axes = list(_axes(k, s, d, auto_pad, ceil))
+    for chunk in range(0, len(axes), 8):
+        part = axes[chunk:chunk + 8]
+        inferred = _onnx_inferred([a[0] for a in part], [a[1] for a in part], k, s, d, auto_pad, ceil)
+        for (n, (pb0, pe0), pb, pe, out), got in zip(part, inferred):
+            assert pa.onnx_out_size(n, k, s, d, pb0, pe0, auto_pad, ceil) == got, (n, pb0, pe0)
+            if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+                continue  # onnxruntime sizes SAME without the dilation: another disagreement
+            dropped = ceil and (got - 1) * s >= n + pb
+            assert got == out + dropped, (n, pb, pe)
+            assert pa.ceil_mode_disagreement([got], [out]) == bool(dropped)
+
+
+def test_ceil_mode_disagreement_rows():
+    assert pa.ceil_mode_disagreement([3, 4], [2, 4])
+    assert pa.ceil_mode_disagreement(["H", 4], [2, 3])      # a dim onnx does not know is no evidence
+    assert not pa.ceil_mode_disagreement([3, 4], [3, 4])    # agreement
+    assert not pa.ceil_mode_disagreement([4, 4], [2, 4])    # two windows apart: not the ceil_mode drop
+    assert not pa.ceil_mode_disagreement([2, 4], [3, 4])    # shorter than onnxruntime's

@@ -91,11 +91,20 @@ def _model(c, opset=None, indices=False, batch_dim=None):
     return make_model([node], [("X", np.float32, [nb, c["C"]] + c["n"])], ospec, opset=opset)
 
 
-def _inferred_agrees(c):
-    """onnx shape inference and onnxruntime give the same output size (else the rule refuses)."""
+def _inferred(c):
+    """The output spatial sizes onnx's shape inference gives the pool (before onnxbp.repair)."""
     m = onnx.shape_inference.infer_shapes(_model(c))
-    dims = m.graph.output[0].type.tensor_type.shape.dim
-    return [d.dim_value for d in dims[2:]] == [o for _, _, o in _geometry(c)]
+    return [d.dim_value for d in m.graph.output[0].type.tensor_type.shape.dim[2:]]
+
+
+def _inferred_agrees(c):
+    """onnx shape inference and onnxruntime give the same output size."""
+    return _inferred(c) == [o for _, _, o in _geometry(c)]
+
+
+def _ceil_dropped(c):
+    """onnx infers the ceil_mode window onnxruntime drops (onnxbp.repair aligns the model)."""
+    return P.ceil_mode_disagreement(_inferred(c), [o for _, _, o in _geometry(c)])
 
 
 def _pure_pad(c):
@@ -119,7 +128,7 @@ def _valid(c):
             p >= c["k"][i % len(c["n"])] for i, p in enumerate(c["pads"])):
         return False  # onnxruntime: "Pad should be smaller than kernel"
     try:
-        if not _inferred_agrees(c):
+        if not (_inferred_agrees(c) or (c["ceil"] and _ceil_dropped(c))):
             return False
         # onnxruntime runs it (MaxPool refuses the negative SAME pads that AveragePool takes)
         x = np.zeros([c["batch"], c["C"]] + c["n"], np.float32)
@@ -166,6 +175,10 @@ MAX_EDGE = [
     # ceil_mode, incl. windows that run past the padded input
     _case("MaxPool", (8, 8), (3, 3), (2, 2), ceil=1),
     _case("MaxPool", (6,), (3,), (2,), pads=(1, 1), ceil=1),
+    # ceil_mode windows that would start in the end padding: onnxruntime drops them, onnx infers them
+    _case("MaxPool", (5,), (3,), (3,), pads=(0, 2), ceil=1),
+    _case("MaxPool", (5, 7), (3, 3), (3, 3), pads=(1, 1, 1, 1), ceil=1),
+    _case("MaxPool", (5, 6), (2, 3), (3, 3), (1, 1), pads=(1, 0, 1, 2), ceil=1, order=1),
     # dilations, incl. windows made only of padding (they output -FLT_MAX)
     _case("MaxPool", (9, 7), (3, 2), (2, 1), (2, 3), pads=(2, 1, 0, 1)),
     _case("MaxPool", (3,), (2,), (1,), (4,), pads=(1, 1)),
@@ -186,6 +199,11 @@ AVG_EDGE = [
     _case("AveragePool", (8, 8), (3, 3), (2, 2), pads=(1, 0, 1, 1), cip=1, ceil=1),
     _case("AveragePool", (8,), (3,), (2,), pads=(1, 2), cip=1, ceil=1),
     _case("AveragePool", (8,), (3,), (2,), pads=(1, 2), cip=0, ceil=1),
+    # ceil_mode windows that would start in the end padding (dropped by onnxruntime), both divisors
+    _case("AveragePool", (5,), (3,), (3,), pads=(0, 2), cip=0, ceil=1),
+    _case("AveragePool", (5,), (3,), (3,), pads=(0, 2), cip=1, ceil=1),
+    _case("AveragePool", (5, 7), (3, 3), (3, 3), pads=(1, 1, 1, 1), cip=0, ceil=1),
+    _case("AveragePool", (5, 7), (3, 3), (3, 3), pads=(1, 1, 1, 1), cip=1, ceil=1),
     # overlapping windows, 3-D, dilations (opset 19)
     _case("AveragePool", (6, 5, 4), (3, 2, 2), (1, 1, 2), pads=(1, 0, 1, 1, 1, 0), cip=1),
     _case("AveragePool", (9, 7), (3, 2), (2, 1), (2, 3), pads=(2, 1, 0, 1), cip=0),
@@ -570,16 +588,73 @@ def test_global_maxpool_tie_policy():
 # ------------------------------------------------------------------ errors and helpers
 
 
-def test_ceil_mode_shape_disagreement_is_refused():
-    """onnx shape inference keeps a ceil_mode window that starts in the end padding,
-    onnxruntime drops it: the upstream gradient input would get the wrong shape."""
+CEIL_DROP = [dict(_case(op, (5, 7), (3, 3), (3, 3), pads=(1, 1, 1, 1), ceil=1, cip=cip), C=3)
+             for op, cip in (("MaxPool", 0), ("AveragePool", 0), ("AveragePool", 1))]
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+@pytest.mark.parametrize("c", CEIL_DROP, ids=["max", "avg-cip0", "avg-cip1"])
+def test_ceil_mode_dropped_window_matches_torch(c):
+    """onnx infers the ceil_mode window that would start in the end padding; onnxruntime and torch
+    (ceil_mode=True: the last window must start inside the input or the left padding) drop it.
+    The model is loaded with a Slice to the runtime size: the output, a downstream Tanh and the
+    upstream gradient input get onnxruntime's shape, and X' equals torch's native ceil_mode pool."""
+    import torch
+    import torch.nn.functional as F
+
+    assert _inferred(c) == [3, 3] and [o for _, _, o in _geometry(c)] == [2, 3]
+    node = helper.make_node(c["op"], ["X"], ["P"], **_attrs(c))
+    relu = helper.make_node("Tanh", ["P"], ["Y"])
+    # declared as onnx infers it (what an exporter writes): one position too long on axis 2
+    m = make_model([node, relu], [("X", np.float32, ["N", 3, 5, 7])], [("Y", np.float32, ["N", 3, 3, 3])],
+                   opset=19)
+    before = m.SerializeToString()
+    x = _tie_free([2, 3, 5, 7], np.random.default_rng(3))
+    gm, outs, grads, ups = run_gradient(m, {"X": x}, ["X"], seed=3)
+    assert m.SerializeToString() == before  # the caller's model is not modified
+    declared = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+                for v in list(gm.graph.input) + list(gm.graph.output)}
+    assert declared["Y"] == declared["Y_grad"] == ["N", 3, 2, 3]
+    np.testing.assert_array_equal(outs["Y"], _quiet_session(m).run(None, {"X": x})[0])
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    if c["op"] == "MaxPool":
+        y = F.max_pool2d(xt, 3, 3, 1, ceil_mode=True)
+    else:
+        y = F.avg_pool2d(xt, 3, 3, 1, ceil_mode=True, count_include_pad=bool(c["cip"]))
+    y = torch.tanh(y)
+    assert tuple(y.shape) == outs["Y"].shape == (2, 3, 2, 3)
+    np.testing.assert_allclose(outs["Y"], y.detach().numpy(), rtol=1e-6, atol=1e-7)
+    y.backward(torch.tensor(ups["Y"], dtype=torch.float64))
+    assert_close(grads["X"], xt.grad.numpy(), 1e-6, 1e-7, f"ceil_mode {c['op']} dX vs torch")
+    assert_fd(m, ["X"], feeds={"X": x}, grad_model=gm, seed=3)
+    assert_standard(gm)
+
+
+def test_ceil_mode_disagreement_without_load_model_is_refused():
+    """backward(inplace=True) skips load_model, so nothing aligns the shapes: refused as before."""
     for op in ("MaxPool", "AveragePool"):
         c = _case(op, (5,), (3,), (3,), pads=(0, 2), ceil=1)
-        assert not _inferred_agrees(c)
+        assert _ceil_dropped(c) and not _inferred_agrees(c)
         with pytest.raises(UnsupportedAttributeError,
                            match=r"declared/inferred with 3 positions on spatial axis 0, but onnxruntime "
-                                 r"computes 2 \(ceil_mode=1"):
-            onnxbp.gradient(_model(c), ["X"])
+                                 r"computes 2 \(ceil_mode=1.*load the model with onnxbp.load_model"):
+            onnxbp.backward(_model(c), ["X"], inplace=True)
+
+
+def test_ceil_mode_alignment_keeps_indices_output():
+    """A MaxPool whose Indices are a graph output: both outputs get onnxruntime's size."""
+    c = _case("MaxPool", (5,), (3,), (3,), pads=(0, 2), ceil=1)
+    m = _model(c, indices=True)
+    loaded = onnxbp.load_model(m)
+    slices = [n for n in loaded.graph.node if n.op_type == "Slice"]
+    assert sorted(o for n in slices for o in n.output) == ["I", "Y"]
+    x = _tie_free([2, 2, 5], np.random.default_rng(1))
+    y, idx = _quiet_session(m).run(None, {"X": x})
+    gm, outs, grads, ups = run_gradient(m, {"X": x}, ["X"], seed=1)
+    np.testing.assert_array_equal(outs["I"], idx)
+    expect = np.zeros(x.size)
+    np.add.at(expect, idx.reshape(-1), ups["Y"].reshape(-1))
+    np.testing.assert_allclose(grads["X"], expect.reshape(x.shape), rtol=1e-7)
 
 
 def test_storage_order_needs_static_spatial_dims():

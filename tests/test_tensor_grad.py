@@ -269,6 +269,30 @@ def test_slice_symbolic_batch_axis():
         assert_close(grads["X"], ref, 0, 0, "dX")
 
 
+def test_slice_starts_ends_from_shape_subgraph():
+    """TorchScript's ``x[n // 2:, :, 1:w - 1]`` on a symbolic batch: starts/ends computed from Shape
+    (Gather, Div, Sub, Concat) at run time, axes constant.  Differentiated without static positions."""
+    from onnx import numpy_helper
+
+    def const(name, v):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(v, np.int64)))
+
+    nodes = [helper.make_node("Shape", ["X"], ["sh"]), const("i0", [0]), const("i2", [2]), const("one", [1]),
+             helper.make_node("Gather", ["sh", "i0"], ["n"]), helper.make_node("Gather", ["sh", "i2"], ["w"]),
+             helper.make_node("Sub", ["w", "one"], ["w1"]), helper.make_node("Div", ["n", "i2"], ["half"]),
+             helper.make_node("Concat", ["half", "one"], ["starts"], axis=0),
+             helper.make_node("Concat", ["n", "w1"], ["ends"], axis=0), const("axes", [0, 2]),
+             helper.make_node("Slice", ["X", "starts", "ends", "axes"], ["Y"]),
+             helper.make_node("Tanh", ["Y"], ["T"])]
+    model = make_model(nodes, [("X", F, ["N", 3, "W"])], [("T", F, ["A", 3, "B"])], opset=17)
+    for n, w in ((4, 6), (5, 3)):
+        x = _rng("slice-shape", n).standard_normal((n, 3, w)).astype(F)
+        _, outs, grads, ups = _check("Slice", model, {"X": x}, ["X"])
+        ref = np.zeros((n, 3, w), F)
+        ref[n // 2:, :, 1:w - 1] = ups["T"] * (1 - np.tanh(x[n // 2:, :, 1:w - 1]) ** 2)
+        assert_close(grads["X"], ref, 1e-5, 1e-6, "dX")
+
+
 # ---------------------------------------------------------------- Transpose, Squeeze, Unsqueeze
 @pytest.mark.parametrize("perm", [None, [0, 2, 1], [2, 0, 1], [1, 2, 0]])
 def test_transpose(perm):
@@ -683,3 +707,26 @@ def test_float64_models(name):
         dims = [d.dim_value or 3 for d in vi.type.tensor_type.shape.dim]
         feeds[vi.name] = rng.standard_normal(dims)
     _check(name, model, feeds, wrt)
+
+
+@pytest.mark.parametrize("case", CT_CASES + [
+    ((6,), (3,), (2,), (1, 0), (1,), (1,), 1, True),
+    ((2, 3, 2), (2, 2, 3), (2, 1, 2), (0, 1, 0, 1, 0, 1), (1, 2, 1), (1, 0, 0), 2, False),
+], ids=[str(i) for i in range(len(CT_CASES))] + ["1d", "3d"])
+def test_conv_transpose_portable(case):
+    """target="portable": W' is conv.py's im2col_weight_grad (no Conv whose kernel is X); the same
+    finite-difference and torch checks as the default lowering."""
+    xsp, k, strides, pads, dil, opad, group, bias = case
+    model, feeds, inits = _convt_case(*case)
+    wrt = ["X", "W"] + (["B"] if bias else [])
+    gm, _, grads, ups = run_gradient(model, feeds, wrt, target="portable")
+    gw = onnxbp.gradient(model, ["W"], target="portable")
+    assert not {"Conv", "ConvTranspose"} & {n.op_type for n in gw.graph.node[1:]}
+    rep = onnxbp.check_gradients(model, wrt, feeds=feeds, grad_model=gm, precision="float32", rtol=1e-3,
+                                 directions=2)
+    assert rep.passed, "\n" + rep.table()
+    if HAS_TORCH:
+        leaves = [feeds["X"], inits["W"]] + ([inits["B"]] if bias else [])
+        _torch_check("ConvTranspose", leaves,
+                     lambda x, w, b=None: _torch_convt(x, w, b, strides, pads, dil, opad, group, len(xsp)),
+                     ups["Y"], grads, wrt, rtol=1e-4)

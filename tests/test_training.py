@@ -507,3 +507,38 @@ def test_optimizer_state_is_updated_in_place_with_the_same_values(opt, monkeypat
         assert t.train_step(x, y, lr=0.05) == ref.train_step(x, y, lr=0.05)
     a, b = t.state_dict()["tensors"], ref.state_dict()["tensors"]
     assert all(np.array_equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("stride,pads,bias", [(1, 1, True), (2, 1, False), (1, 0, True)])
+def test_weight_bound_conv_forward_as_one_gemm_trains_like_the_conv(stride, pads, bias):
+    """conv_forward="auto" writes a trainable Conv on small maps with many channels as one Gemm over the
+    batch (training/conv_forward.py); five SGD steps match the Conv form to float32 summation order."""
+    rng = np.random.default_rng(1)
+    c, m_ch, k = 16, 64, 3
+    inputs = ["x", "w"] + (["b"] if bias else [])
+    nodes = [helper.make_node("Conv", inputs, ["h"], kernel_shape=[k, k], strides=[stride, stride],
+                              pads=[pads] * 4),
+             helper.make_node("Relu", ["h"], ["a"]), helper.make_node("GlobalAveragePool", ["a"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)]
+    inits = {"w": (rng.standard_normal((m_ch, c, k, k)) * 0.1).astype(np.float32),
+             "fc": (rng.standard_normal((5, m_ch)) * 0.1).astype(np.float32)}
+    if bias:
+        inits["b"] = (rng.standard_normal(m_ch) * 0.1).astype(np.float32)
+    model = make_model(nodes, [("x", np.float32, [2, c, 3, 3])], [("logits", np.float32, [2, 5])], inits)
+    lowered = Trainer(model, optimizer=SGD(momentum=0.9), threads=1)
+    plain = Trainer(model, optimizer=SGD(momentum=0.9), threads=1, conv_forward="conv")
+    ops = [n.op_type for n in lowered.step_model.model.graph.node]
+    assert "Conv" not in ops[:ops.index("Relu")] and "Conv" in [n.op_type for n in plain.step_model.model.graph.node]
+    x = rng.standard_normal((2, c, 3, 3)).astype(np.float32)
+    y = rng.integers(0, 5, 2)
+    for _ in range(5):
+        la, lb = lowered.train_step(x, y, lr=0.1), plain.train_step(x, y, lr=0.1)
+        assert abs(la - lb) <= 1e-5 * max(1.0, abs(lb))
+    pa, pb = lowered.parameters(), plain.parameters()
+    for name in pa:
+        assert_close(pa[name], pb[name], 1e-5, 1e-6, name)
+
+
+def test_conv_forward_option_is_checked():
+    with pytest.raises(TrainingError, match="conv_forward='gemm'; choose auto or conv"):
+        build_step_model(str(Path(__file__).resolve().parents[1] / "models" / "lenet.onnx"), conv_forward="gemm")

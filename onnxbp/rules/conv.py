@@ -79,6 +79,15 @@ BPW, seed 001 sections 2.1.1 / 2.2.1 / 2.3.1 / 2.4.1::
       (M, C, k).  Only group=1 (grouped convs use (a)).  It avoids ORT's Conv
       with a whole-map kernel and a 3x3 output (a GEMM with 9 columns).
 
+Option ``target`` (declared in registry.py): "portable" takes dW by (c) for
+every conv, whatever ``conv_strategy`` says and however many kernel offsets:
+the (a)/(b) forms are Convs whose kernel is dY or X, shaped at run time with a
+symbolic batch, which OpenVINO CPU and tract refuse to compile
+(docs/portability.md).  Grouped convs take (c)'s grouped variant
+(``im2col_weight_grad``): the same slices, Reshape to (g, Cg*K, N*out), one
+batched MatMul of dY (g, Mg, N*out) with their transpose.  dX keeps
+``conv_strategy`` (its kernels are W, static).
+
 Bias (seed 002 section 3.1.2): dB = ReduceSum(dY, axes=[0, 2, ...]).
 
 "auto" picks per node what benchmarks/bench_conv.py measured faster on ORT
@@ -167,18 +176,22 @@ class _Conv:
         self.out = [ca.conv_out_size(*a) for a in self._axes()]
         if any(o < 1 for o in self.out):
             g.fail(f"kernel {self.k} (dilations {self.d}) is larger than the padded input {self.n}")
-        # Channel counts: from W when static, else from Y / X.
+        # Channel counts: from W when static, else from Y / X.  The input channels may be a runtime
+        # dim for a group-1 conv (``self.c``/``self.cg`` None): the weight-gradient Conv of the
+        # "transpose" and "seed" dW forms (:func:`swapped_conv`) contracts over the batch, so its
+        # kernel's channel axis is the batch; its own gradient (a second derivative, an HVP) must not
+        # need it static.  Every Reshape then leaves that axis to -1 and "patches" is not used.
         ws, ys, xsh = g.shape(w) or (None,) * rank, g.shape(g.output(0)) or (None,) * rank, xs
         m = ws[0] if isinstance(ws[0], int) else ys[1]
         if not isinstance(m, int):
             m = g.static_shape(w, axes=[0])[0]
         cg = ws[1] if isinstance(ws[1], int) else (xsh[1] // self.group if isinstance(xsh[1], int) else None)
-        if not isinstance(cg, int):
+        if not isinstance(cg, int) and self.group != 1:
             cg = g.static_shape(w, axes=[1])[1]
-        self.m, self.cg = int(m), int(cg)
+        self.m, self.cg = int(m), (int(cg) if isinstance(cg, int) else None)
         if self.m % self.group:
             g.fail(f"group={self.group} does not divide the {self.m} output channels")
-        self.mg, self.c = self.m // self.group, self.cg * self.group
+        self.mg, self.c = self.m // self.group, (None if self.cg is None else self.cg * self.group)
 
     def _axes(self):
         return zip(self.n, self.k, self.s, self.d, self.pb, self.pe)
@@ -235,7 +248,7 @@ def _rotate(g, t, cv: _Conv):
         k *= v
     flat = g.op("Reshape", t, g.ints([-1, k]))  # t is (M, Cg, k...): W, or dW in BPW (b)
     exchange = g.const([[1.0 if i + j == k - 1 else 0.0 for j in range(k)] for i in range(k)], like=cv.w)
-    return g.op("Reshape", g.op("MatMul", flat, exchange), g.ints([cv.m, cv.cg] + cv.k))
+    return g.op("Reshape", g.op("MatMul", flat, exchange), g.ints([cv.m, -1 if cv.cg is None else cv.cg] + cv.k))
 
 
 def _bpa_transpose(g, dy, cv: _Conv):
@@ -352,27 +365,48 @@ MAX_PATCHES = 64
 
 
 def _bpw_patches(g, x, dy, cv: _Conv):
-    """BPW (c): one Gemm of dY with the im2col matrix of strided slices of the padded X (group 1)."""
-    sp = list(range(2, cv.rank))
-    xt = g.transpose(x, [1, 0] + sp)  # (C, N, n...)
-    if any(cv.pads):
-        xt = g.op("Pad", xt, g.ints([0, 0] + cv.pb + [0, 0] + cv.pe))
-    dyr = g.op("Reshape", g.transpose(dy, [1, 0] + sp), g.ints([cv.m, -1]))  # (M, N*out)
-    strided = any(s > 1 for s in cv.s)
+    """BPW (c): one Gemm of dY with the im2col matrix of strided slices of the padded X (group 1;
+    a batched MatMul per group under ``target="portable"``)."""
+    return im2col_weight_grad(g, x, dy, cv.group, cv.m, cv.c, cv.n, cv.k, cv.s, cv.d, cv.pb, cv.pe, cv.out)
+
+
+def im2col_weight_grad(g, data, dout, group: int, m: int, c: int, sizes, kernel, strides, dilations,
+                       pb, pe, out) -> str:
+    """``dW[o, j, r] = sum_{b, p} dout[b, o, p] * datapad[b, grp(o)*c/g + j, p*s + r*d]`` as (m, c/g,
+    kernel...): the weight gradient of a Conv of ``data`` (N, c, sizes...) padded by (pb, pe), whose
+    output gradient is ``dout`` (N, m, out...), with no runtime-shaped kernel.  Transpose ``data`` to
+    (c, N, sizes...), Pad it, one strided Slice per kernel offset r (each (c, N*out)), Concat them
+    along axis 1 (rows in W's (j, r) order), then group 1: one Gemm(dout (m, N*out), cols, transB=1);
+    group g: a batched MatMul of dout (g, m/g, N*out) with cols (g, N*out, c/g*K).  Conv's BPW (c) and,
+    with the roles of X and Y' exchanged, ConvTranspose's W' under ``target="portable"``."""
+    nsp = len(kernel)
+    sp = list(range(2, 2 + nsp))
+    xt = g.transpose(data, [1, 0] + sp)  # (c, N, sizes...)
+    if any(pb) or any(pe):
+        xt = g.op("Pad", xt, g.ints([0, 0] + list(pb) + [0, 0] + list(pe)))
+    dyr = g.transpose(dout, [1, 0] + sp)  # (m, N, out...)
+    strided = any(s > 1 for s in strides)
+    padded = [n + b + e for n, b, e in zip(sizes, pb, pe)]
     pieces = []
-    for _offs, starts, ends in ca.kernel_offset_slices(cv.k, cv.s, cv.d, cv.out):
-        padded = [n + b + e for n, b, e in zip(cv.n, cv.pb, cv.pe)]
+    for _offs, starts, ends in ca.kernel_offset_slices(kernel, strides, dilations, out):
         xr = xt
-        if starts != [0] * cv.nsp or ends != padded or strided:
-            xr = g.slice(xt, starts, ends, sp, cv.s if strided else None)  # (C, N, out...)
-        pieces.append(g.op("Reshape", xr, g.ints([cv.c, -1])))  # (C, N*out)
-    # Concat the slices, not the products: (C, K*N*out) is the (C*K, N*out) im2col matrix with rows in
-    # W's (c, r) order, so one Gemm gives dW in its own layout.  Measured against one Gemm per offset
+        if starts != [0] * nsp or ends != padded or strided:
+            xr = g.slice(xt, starts, ends, sp, list(strides) if strided else None)  # (c, N, out...)
+        pieces.append(g.op("Reshape", xr, g.ints([c, -1])))  # (c, N*out)
+    # Concat the slices, not the products: (c, K*N*out) is the (c*K, N*out) im2col matrix with rows in
+    # W's (j, r) order, so one Gemm gives dW in its own layout.  Measured against one Gemm per offset
     # and a Concat + Transpose of the (M, K, C) products, with W a graph input as in a training step
     # (onnxruntime 1.32, 2 threads; ResNet-18 3x3 shapes, batch 8 and 32): 0.49-0.88x the time.
-    cols = pieces[0] if len(pieces) == 1 else g.op("Reshape", g.op("Concat", *pieces, axis=1),
-                                                  g.ints([cv.c * len(pieces), -1]))
-    return g.op("Reshape", g.op("Gemm", dyr, cols, transB=1), g.ints([cv.m, cv.c] + cv.k))
+    nk = len(pieces)
+    if group == 1:
+        cols = pieces[0] if nk == 1 else g.op("Reshape", g.op("Concat", *pieces, axis=1), g.ints([c * nk, -1]))
+        dw = g.op("Gemm", g.op("Reshape", dyr, g.ints([m, -1])), cols, transB=1)  # (m, c*K)
+        return g.op("Reshape", dw, g.ints([m, c] + list(kernel)))
+    cg, mg = c // group, m // group
+    cols = pieces[0] if nk == 1 else g.op("Concat", *pieces, axis=1)
+    cols = g.transpose(g.op("Reshape", cols, g.ints([group, cg * nk, -1])), [0, 2, 1])  # (g, N*out, cg*K)
+    dw = g.op("MatMul", g.op("Reshape", dyr, g.ints([group, mg, -1])), cols)  # (g, mg, cg*K)
+    return g.op("Reshape", dw, g.ints([m, cg] + list(kernel)))
 
 
 #: The batch size the lowering choice assumes where the batch is symbolic.
@@ -396,7 +430,7 @@ def resolve_strategy(name: str, strides, kernel, group: int = 1, in_channels: in
             bpa = "patches"
         if name == "patches":
             return bpa, ("patches" if patches_ok else "transpose")
-        return bpa, ("patches" if patches_ok and in_channels >= 8 else "transpose")
+        return bpa, ("patches" if patches_ok and (in_channels or 0) >= 8 else "transpose")
     return name, name
 
 
@@ -422,6 +456,15 @@ def conv_grad(g):
         padded = [n + b + e for n, b, e in zip(cv.n, cv.pb, cv.pe)]
         bpa, bpw = resolve_strategy(g.option("conv_strategy"), cv.s, cv.k, cv.group, cv.c,
                                     weight_bound((g.shape(x) or [None])[0], padded, cv.m))
+        if g.option("target") == "portable":
+            # no runtime-shaped kernel (docs/portability.md): dW by im2col, grouped convs included
+            if cv.c is None and want[1]:
+                g.fail(f"target='portable' needs the input channels of {cv.x!r} (or the shape of W "
+                       f"{cv.w!r}) static for the im2col weight gradient")
+            bpw = "patches"
+        if cv.c is None:  # runtime input channels: "patches" reshapes need them (see _Conv)
+            bpa = "seed" if bpa == "patches" else bpa
+            bpw = "transpose" if bpw == "patches" else bpw
         zp = None
         if (want[0] and bpa == "seed") or (want[1] and bpw == "seed"):
             zp = _dilate_and_pad(g, dy, cv)

@@ -19,7 +19,9 @@ W' (seed 000/001 section 2.4.1, seed 004 summary): the conv weight-gradient
     X[b, c, i] Y'[b, o, i*s - pb + r*d]``: a channel-swapped Conv (conv.py's
     ``weight_grad``) with Y' as data and X as kernel, stride d, dilation s,
     pads (pb, max(pe - op, 0)) (conv_arith.conv_transpose_weight_pads),
-    cropped to k and transposed to W's layout.
+    cropped to k and transposed to W's layout.  Under ``target="portable"`` the same sum is
+    conv.py's ``im2col_weight_grad`` with Y' as the data (padded by those pads), X as the output
+    gradient, W's (C_in, C_out/g, k) layout directly: no runtime-shaped kernel.
 B': ReduceSum(Y') over batch and spatial axes.
 """
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 from ..registry import LINEAR, register_gradient
 from . import conv_arith as ca
-from .conv import weight_grad
+from .conv import im2col_weight_grad, weight_grad
 
 
 @register_gradient("ConvTranspose", smoothness=LINEAR,
@@ -75,8 +77,12 @@ def conv_transpose_grad(g):
             dx = g.slice(dx, [0] * len(extra), [n[i] for i in extra], [2 + i for i in extra])
         out[0] = dx
     if g.needs_grad(1):
-        out[1] = weight_grad(g, dy, x, group, cout // group, cin // group, m, n, ks,
-                             ca.conv_transpose_weight_pads(pads, opad), dil, strides)
+        wpads = ca.conv_transpose_weight_pads(pads, opad)
+        if g.option("target") == "portable":  # no runtime-shaped kernel: im2col (docs/portability.md)
+            out[1] = im2col_weight_grad(g, dy, x, group, cin, cout, m, ks, strides, dil, wpads[:nsp],
+                                        wpads[nsp:], n)
+        else:
+            out[1] = weight_grad(g, dy, x, group, cout // group, cin // group, m, n, ks, wpads, dil, strides)
     if len(g.inputs) > 2 and g.input(2) is not None and g.needs_grad(2):
         out[2] = g.reduce_sum(dy, [0] + sp, keepdims=False)
     return out

@@ -84,7 +84,8 @@ def matmul_grad(g):
     da = db = None
     if g.needs_grad(0):
         da = g.op("MatMul", dy2, g.transpose(b2, _swap_last(len(sb2))))
-        da = g.unbroadcast(da, sa2, grad_shape=batch + tuple(sa2[-2:]))
+        # the tensor itself where it is one (its runtime shape settles dims that are not static)
+        da = g.unbroadcast(da, a if ra > 1 else sa2, grad_shape=batch + tuple(sa2[-2:]))
         if ra == 1:
             da = g.squeeze(da, [0])
     if g.needs_grad(1):
@@ -96,7 +97,7 @@ def matmul_grad(g):
             db = _matmul_t(g, a_flat, dy_flat, 1, 0, 1.0)
         else:
             db = g.op("MatMul", g.transpose(a2, _swap_last(len(sa2))), dy2)
-            db = g.unbroadcast(db, sb2, grad_shape=batch + tuple(sb2[-2:]))
+            db = g.unbroadcast(db, b if rb > 1 else sb2, grad_shape=batch + tuple(sb2[-2:]))
         if rb == 1:
             db = g.squeeze(db, [1])
     return [da, db]

@@ -19,7 +19,11 @@ input length ``n``, kernel ``k``, stride ``s``, dilation ``d``, window
 onnxruntime's ``pad_needed = (ceil(n/s) - 1)*s + k - n`` (no dilation, may be
 negative), SAME_UPPER puts the odd extra at the end; ceil_mode=1 takes
 ``ceil`` of ``(n + pb + pe - ek)/s`` and then drops a last window that
-starts in the end padding (onnx/onnx#5741).  AveragePool's divisor is the
+starts in the end padding (onnx/onnx#5741).  onnx's shape inference keeps
+that window: ``onnxbp.repair`` (run by ``load_model``) follows such a pool
+with a Slice to onnxruntime's size, so the output, everything downstream and
+the upstream gradient input get the runtime shape; the rules differentiate
+the windows onnxruntime computes.  AveragePool's divisor is the
 product over axes of the window positions inside ``[0, min(n, n + pe))``
 (count_include_pad=0) or inside ``[-pb, n + pe)`` (count_include_pad=1): a
 ceil_mode window that runs past the padded input divides by fewer than k.
@@ -68,7 +72,8 @@ import numpy as np
 from onnx import TensorProto
 
 from ..registry import LINEAR, PIECEWISE, register_gradient
-from .pool_arith import AUTO_PAD_MODES, avg_divisors, outer, pool_geometry, real_windows, transpose_fits
+from .pool_arith import (AUTO_PAD_MODES, avg_divisors, onnx_out_size, outer, pool_geometry, real_windows,
+                         transpose_fits)
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +104,16 @@ class _Pool:
         self.pads_attr = [int(p) for p in pads]
         self.n = None
         self.pb = self.pe = self.out = None
+        self.ceil_dropped = False
         shape = g.shape(x)
         static = all(isinstance(v, int) for v in shape[2:])
         if need_static or static:
             self.n = [int(v) for v in g.static_shape(x, axes=range(2, rank))[2:]]
             self.pb, self.pe, self.out = pool_geometry(self.n, self.k, self.s, self.d, self.pads_attr,
                                                        self.auto_pad, self.ceil_mode)
+            self.ceil_dropped = self.out != [
+                onnx_out_size(self.n[i], self.k[i], self.s[i], self.d[i], self.pads_attr[i],
+                              self.pads_attr[self.nsp + i], self.auto_pad, self.ceil_mode) for i in range(self.nsp)]
             self._check_output_shape()
 
     def _check_output_shape(self) -> None:
@@ -119,7 +128,8 @@ class _Pool:
                        f"axis {i}, but onnxruntime computes {ours} (ceil_mode={self.ceil_mode}, "
                        f"auto_pad={self.auto_pad}: onnxruntime drops a last window that starts in the end "
                        f"padding and sizes SAME pads without dilation); the upstream gradient input would "
-                       f"get the wrong shape; change pads/ceil_mode so both agree")
+                       f"get the wrong shape; load the model with onnxbp.load_model (which aligns ceil_mode "
+                       f"pools with onnxruntime) or change pads/ceil_mode so both agree")
 
 
 # ------------------------------------------------------------ MaxPool
@@ -174,6 +184,10 @@ def maxpool_grad(g):
                       for i in range(info.nsp)])
         if not real.all():
             dy = g.op("Mul", dy, g.const(real, like=x))
+    if info.out is not None and info.ceil_dropped:
+        # onnxruntime's Indices have the runtime size already; a runtime keeping the window it drops
+        # (as onnx's shape inference does) gets the same windows
+        idx = g.slice(idx, [0] * info.nsp, info.out, list(range(2, info.rank)))
     if storage_order == 1 and info.nsp > 1:
         idx = _colmajor_to_rowmajor(g, idx, info.n)
     flat = g.ints([-1])

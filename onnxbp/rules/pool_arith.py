@@ -19,6 +19,11 @@ and splits it with truncating division, ``pb = trunc(need/2)`` (SAME_UPPER)
 or ``trunc((need+1)/2)`` (SAME_LOWER), ``pe = need - pb``; so ``pe`` (and
 ``pb``) may be negative when ``k < s``, clipping the windows at ``n + pe``.
 
+onnx's shape inference (:func:`onnx_out_size`) takes the ceiling without
+that drop, so a ceil_mode output is inferred one position longer than
+onnxruntime's on every axis where the last window starts in the end padding
+(:func:`ceil_mode_disagreement`); ``onnxbp.repair`` aligns such models.
+
 AveragePool divides window ``p`` by the number of its positions inside
 ``[0, min(n, n + pe))`` (count_include_pad=0) or ``[-pb, n + pe)``
 (count_include_pad=1); the divisor of a grid of axes is the outer product.
@@ -65,6 +70,32 @@ def pool_axis(n: int, k: int, s: int, d: int, pb: int, pe: int, auto_pad: str = 
     if (out - 1) * s >= n + pb:
         out -= 1
     return pb, pe, out
+
+
+def onnx_out_size(n: int, k: int, s: int, d: int, pb: int, pe: int, auto_pad: str = "NOTSET",
+                  ceil_mode: int = 0) -> int:
+    """The output length onnx's shape inference gives one axis: no ceil_mode drop; SAME pads sized
+    with the dilated kernel and clamped at zero (``ceil(n/s)`` outputs unless ceil_mode adds one)."""
+    ek = effective_kernel(k, d)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pb, pe = 0, max(ek - s if n % s == 0 else ek - n % s, 0)
+    elif auto_pad == "VALID":
+        pb = pe = 0
+    num = n + pb + pe - ek
+    return (-(-num // s) if ceil_mode else num // s) + 1
+
+
+def ceil_mode_disagreement(inferred: Sequence, runtime: Sequence[int]) -> bool:
+    """Whether an inferred output (spatial dims) is onnxruntime's ``runtime`` one with the ceil_mode
+    window onnxruntime drops kept: some axis one longer, every other equal (or not static)."""
+    longer = False
+    for a, b in zip(inferred, runtime):
+        if not isinstance(a, int) or a == b:
+            continue
+        if a != b + 1:
+            return False
+        longer = True
+    return longer and len(inferred) == len(runtime)
 
 
 def pool_geometry(n: Sequence[int], k: Sequence[int], s: Sequence[int], d: Sequence[int],

@@ -150,6 +150,15 @@ def one_node_model(op_type: str, inputs, attrs: Optional[Mapping[str, Any]] = No
         known = {vi.name: vi for vi in list(inferred.graph.output) + list(inferred.graph.value_info)}
     except Exception:  # noqa: BLE001 - fall through to the message below
         known = {}
+    untyped = [o for o in g_outs if o not in given and not _has_rank(known.get(o))]
+    if untyped:  # ops onnx has no inference for (GroupNormalization): onnxbp's shape inference
+        from ..shapeinfo import infer
+
+        infos = infer(draft)
+        for o in untyped:
+            info = infos.get(o)
+            if info is not None and info.elem_type and info.shape is not None:
+                known[o] = helper.make_tensor_value_info(o, info.elem_type, list(info.shape))
     outs = []
     for o in g_outs:
         if o in given:
@@ -170,6 +179,11 @@ def one_node_model(op_type: str, inputs, attrs: Optional[Mapping[str, Any]] = No
     model.graph.output.extend(outs)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def _has_rank(vi) -> bool:
+    return vi is not None and vi.type.HasField("tensor_type") and bool(vi.type.tensor_type.elem_type) \
+        and vi.type.tensor_type.HasField("shape")
 
 
 # ---------------------------------------------------------------- checks

@@ -39,8 +39,10 @@ values (in-place kernel); :class:`~onnxbp.training.Trainer` is unaffected.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
@@ -48,13 +50,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .. import metadata
+from .. import metadata, shapeinfo
 from ..engine import backward
 from ..errors import OnnxbpError
 from ..modelio import ModelLike, check_full, convert_opset, load_model
 from ..optimize import eliminate_common_subexpressions
+from ..portable import expand_for_portability
 from ..types import FLOAT_TYPES, TensorInfo, default_opset, np_dtype, value_info_dims
 from ..writer import GraphWriter, set_attr, value_info
+from .conv_forward import lower_weight_bound_convs
 from .errors import TrainingError
 from .losses import LOSSES, add_loss
 from .optimizers import AdamW
@@ -83,6 +87,7 @@ class StepSpec:
     frozen: list                     # float initializers that stay constant
     loss_kind: str = "cross_entropy"
     optimizer: dict = field(default_factory=dict)
+    clip_grad_norm: Optional[float] = None  # max global gradient norm (None: no clipping)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -107,10 +112,14 @@ class StepModel:
 
 def resolve_params(model: onnx.ModelProto, requires_grad: Optional[Iterable[str]],
                    frozen_params: Optional[Iterable[str]]) -> tuple:
-    """(trainable-or-None, frozen, buffers) with the checks of ORT's generate_artifacts."""
+    """(trainable-or-None, frozen, buffers) with the checks of ORT's generate_artifacts.
+
+    Names may be glob patterns (``bert.embeddings.*``, ``*.bias``; :mod:`fnmatch`): each stands for
+    the floating-point initializers it matches, in model order, and one matching none is an error.
+    """
     inits = {t.name: t for t in model.graph.initializer}
-    req = None if requires_grad is None else list(requires_grad)
-    frozen = [] if frozen_params is None else list(frozen_params)
+    req = None if requires_grad is None else expand_patterns(model, requires_grad, "requires_grad")
+    frozen = [] if frozen_params is None else expand_patterns(model, frozen_params, "frozen_params")
     if req is not None and frozen:
         both = [p for p in req if p in set(frozen)]
         if both:
@@ -141,62 +150,54 @@ def resolve_params(model: onnx.ModelProto, requires_grad: Optional[Iterable[str]
     return req, frozen, buffers
 
 
+def expand_patterns(model: onnx.ModelProto, names: Iterable[str], kind: str) -> list:
+    """Parameter names with glob patterns replaced by the float initializers they match."""
+    if isinstance(names, str):
+        names = [names]
+    floats = [t.name for t in model.graph.initializer if t.data_type in FLOAT_TYPES]
+    out: list = []
+    for pat in names:
+        if not any(c in pat for c in "*?["):
+            matched = [pat]
+        else:
+            matched = [n for n in floats if fnmatch.fnmatchcase(n, pat)]
+            if not matched:
+                raise TrainingError(f"{kind} pattern {pat!r} matches no floating-point initializer of the model")
+        out.extend(n for n in matched if n not in out)
+    return out
+
+
 def build_step_model(model: ModelLike, *, loss: str = "cross_entropy", optimizer=None,
                      requires_grad: Optional[Sequence[str]] = None,
                      frozen_params: Optional[Sequence[str]] = None,
                      output: Optional[str] = None, return_logits: bool = False,
                      bn_stats: str = "torch", dropout_seed: Optional[int] = None,
+                     conv_forward: str = "auto", clip_grad_norm: Optional[float] = None,
                      **grad_options) -> StepModel:
     """Return the training-step model of ``model`` (a forward model, never modified).
 
-    ``loss``: cross_entropy | mse | l1 | output.  ``optimizer``: an :class:`SGD`,
+    ``loss``: cross_entropy | lm_cross_entropy | mse | l1 | output (:func:`~onnxbp.training.losses.add_loss`).
+    Every graph input that is not an initializer is a data input (several are fed by name: token
+    ids and an attention mask).  ``optimizer``: an :class:`SGD`,
     :class:`Adam` or :class:`AdamW` instance (default ``AdamW()``).
     ``requires_grad``: the parameters to train (default: every float
     initializer a gradient reaches, except frozen ones and BatchNormalization
-    running statistics).  ``frozen_params``: parameters kept constant.
+    running statistics).  ``frozen_params``: parameters kept constant.  Both take glob patterns
+    (``"bert.embeddings.*"``).  ``clip_grad_norm``: scale the gradients by
+    ``min(1, max_norm / (norm + 1e-6))``, ``norm`` their global 2-norm, before the update
+    (``torch.nn.utils.clip_grad_norm_``), in the graph.
+    ``conv_forward``: "auto" writes the forward of weight-bound trainable Convs as one Gemm over the
+    batch (:mod:`onnxbp.training.conv_forward`), "conv" keeps every Conv as it is.
     """
     optimizer = optimizer if optimizer is not None else AdamW()
-    if loss not in LOSSES:
-        raise TrainingError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    if bn_stats not in ("torch", "onnx"):
-        raise TrainingError(f"bn_stats={bn_stats!r}; choose torch or onnx")
-    loaded = fwd = load_model(model)
-    has_train_ops = any(n.op_type in ("BatchNormalization", "Dropout") for n in fwd.graph.node)
-    need = 14 if has_train_ops else 13
-    if default_opset(fwd) < need:
-        log.info("converting the model from opset %d to %d for training", default_opset(fwd), need)
-        fwd = convert_opset(fwd, need, "training", TrainingError)
-    req, frozen, buffers = resolve_params(fwd, requires_grad, frozen_params)
-    out_vi = _loss_output(fwd, output)
-
-    m = onnx.ModelProto()
-    m.CopyFrom(fwd)
-    fl = _forward_and_loss(m, loss, out_vi, dropout_seed)
-    try:
-        bw = backward(m, req, seeds={fl.loss: 1.0}, frozen=set(frozen) | set(buffers),
-                      check=False, inplace=True, **grad_options)
-    except OnnxbpError as exc:
-        raise type(exc)(f"building the backward graph of the training step: {exc}") from None
-    m = bw.model
-    fwd_inits = {t.name: t for t in fwd.graph.initializer}
-    params = [p for p in (req or list(fwd_inits)) if p in bw.gradients]
-    frozen_all = [t.name for t in fwd.graph.initializer
-                  if t.data_type in FLOAT_TYPES and t.name not in bw.gradients and t.name not in buffers]
-    for p in frozen_all:
-        if p not in frozen:
-            log.info("parameter %s gets no gradient from the loss; it stays constant", p)
-
-    st = _Carried(m, fwd_inits)
+    b = _forward_backward(model, loss, optimizer, requires_grad, frozen_params, output, bn_stats, dropout_seed,
+                          dict(grad_options, conv_forward=conv_forward))
+    m, bw, fl, out_vi = b.model, b.bw, b.fl, b.out_vi
+    st = _Carried(m, b.fwd_inits)
     w = GraphWriter.for_model(m, "train", _DOC, infos=bw.infos)
-    lr = w.fresh("lr")
-    step = w.fresh("step") if optimizer.needs_step else None
-    bw.infos[lr] = TensorInfo(TensorProto.FLOAT, ())
-    if step:
-        bw.infos[step] = TensorInfo(TensorProto.INT64, ())
-    st.inputs.append(value_info(lr, TensorProto.FLOAT, []))
-    if step:
-        st.inputs.append(value_info(step, TensorProto.INT64, []))
-    state_map = _optimizer_stage(w, st, optimizer, params, bw.gradients, lr, step)
+    lr, step = _scalar_inputs(w, st, optimizer, bw.infos)
+    grads = clip_gradients(w, b.params, bw.gradients, b.fwd_inits, clip_grad_norm)
+    state_map = _optimizer_stage(w, st, optimizer, b.params, grads, lr, step)
     _running_stats_stage(w, st, fl.batch_norms, bn_stats, bw.infos)
     st.finish(w)
 
@@ -211,13 +212,228 @@ def build_step_model(model: ModelLike, *, loss: str = "cross_entropy", optimizer
     g.output.extend(st.outputs)
     spec = StepSpec(
         data_inputs=fl.data_inputs, target=fl.target, lr=lr, step=step, loss=fl.loss, logits=logits,
-        output=out_vi.name, params=params, buffers=[b for b in buffers if b in st.updates], state=state_map,
-        updates=st.updates, frozen=frozen_all, loss_kind=loss, optimizer=optimizer.config())
+        output=out_vi.name, params=b.params, buffers=[x for x in b.buffers if x in st.updates], state=state_map,
+        updates=st.updates, frozen=b.frozen_all, loss_kind=loss, optimizer=optimizer.config(),
+        clip_grad_norm=clip_grad_norm)
+    if grad_options.get("target") == "portable":  # the loss and training-mode BN as plain ops
+        expand_for_portability(m)
     eliminate_common_subexpressions(g)
     metadata.put(m, META_KEY, spec.to_json())
     check_full(m, TrainingError, "the training-step model fails the ONNX checker (a bug; please report)")
-    log.info("training step: %d params, %d carried tensors, %d nodes", len(params), len(st.updates), len(g.node))
-    return StepModel(m, spec, st.initial, loaded)
+    log.info("training step: %d params, %d carried tensors, %d nodes", len(b.params), len(st.updates), len(g.node))
+    return StepModel(m, spec, st.initial, b.loaded)
+
+
+@dataclass
+class SplitStep:
+    """The training step split for data-parallel training (:mod:`onnxbp.training.distributed`).
+
+    ``gradient``: what each worker computes on its shard: inputs the data, the target and the
+    parameters; outputs the loss, each parameter's gradient (``grads[p]``) and, per
+    BatchNormalization, its batch mean, biased variance and the size of its input (``moments``).
+    ``update``: what every worker applies identically: inputs ``lr``, ``step``, the carried tensors
+    (the same names and initial values as :func:`build_step_model`'s, so checkpoints move between
+    the two), the gradients (``grads[p]``, averaged over the workers) and, per BatchNormalization,
+    the global batch mean, variance and per-channel count; outputs the carried tensors' next values.
+    """
+
+    gradient: onnx.ModelProto
+    update: onnx.ModelProto
+    spec: StepSpec
+    grads: dict                      # param -> gradient tensor (output of gradient, input of update)
+    moments: list                    # per BatchNormalization: see _moment_names
+    initial: dict
+    forward: Optional[onnx.ModelProto] = None
+
+
+def build_split_step(model: ModelLike, *, loss: str = "cross_entropy", optimizer=None,
+                     requires_grad: Optional[Sequence[str]] = None,
+                     frozen_params: Optional[Sequence[str]] = None,
+                     output: Optional[str] = None, bn_stats: str = "torch", dropout_seed: Optional[int] = None,
+                     clip_grad_norm: Optional[float] = None, **grad_options) -> SplitStep:
+    """The step of :func:`build_step_model` as two models: the local gradient and the update.
+
+    Both come from the same stages: stages 1 and 2 (forward + loss, backward) make the gradient
+    model; stage 3 (the optimizer) and stage 4 (running statistics, from the global batch
+    moments instead of one batch's) make the update model, with the gradients as inputs.
+    """
+    optimizer = optimizer if optimizer is not None else AdamW()
+    b = _forward_backward(model, loss, optimizer, requires_grad, frozen_params, output, bn_stats, dropout_seed,
+                          grad_options)
+    m, bw, fl = b.model, b.bw, b.fl
+    upd = onnx.ModelProto()
+    upd.ir_version = m.ir_version
+    upd.opset_import.extend(m.opset_import)
+    upd.graph.name = f"{m.graph.name or 'model'}_update"
+    st = _Carried(upd, b.fwd_inits)
+    # One writer, names fresh in the whole gradient model: the update's carried names are the fused step's.
+    w = GraphWriter.for_model(m, "train", _DOC, infos=bw.infos)
+    lr, step = _scalar_inputs(w, st, optimizer, bw.infos)
+    grad_inputs = []
+    for p in b.params:
+        t = b.fwd_inits[p]
+        grad_inputs.append(value_info(bw.gradients[p], t.data_type, t.dims))
+        bw.infos[bw.gradients[p]] = TensorInfo(t.data_type, tuple(int(d) for d in t.dims))
+    clipped = clip_gradients(w, b.params, bw.gradients, b.fwd_inits, clip_grad_norm)  # of the averaged gradients
+    state_map = _optimizer_stage(w, st, optimizer, b.params, clipped, lr, step)
+    moments = _moment_names(w, fl.batch_norms, b.fwd_inits)
+    moment_inputs = []
+    for mo in moments:
+        t = b.fwd_inits[mo["buffers"][0]]
+        moment_inputs += [value_info(mo["mean"], t.data_type, t.dims), value_info(mo["var"], t.data_type, t.dims),
+                          value_info(mo["count"], t.data_type, [])]
+        for k in ("mean", "var"):
+            bw.infos[mo[k]] = TensorInfo(t.data_type, tuple(int(d) for d in t.dims))
+        bw.infos[mo["count"]] = TensorInfo(t.data_type, ())
+    _running_stats_stage(w, st, fl.batch_norms, bn_stats, bw.infos, moments=moments)
+    st.finish(w)
+    ug = upd.graph
+    ug.node.extend(w.take_nodes())
+    ug.input.extend(st.inputs + grad_inputs + moment_inputs)
+    ug.output.extend(st.outputs)
+
+    # The gradient model: parameters as inputs; loss, gradients and batch moments as outputs.
+    g = m.graph
+    for mo, (node, _, _) in zip(moments, fl.batch_norms):
+        _batch_moments(w.scoped("train/bn"), node.input[0], b.fwd_inits[mo["buffers"][1]].data_type, bw.infos,
+                       node, out=(mo["mean"], mo["var"]))
+        w.op("Size", node.input[0], out=mo["size"], name="train/bn/size")
+    g.node.extend(w.take_nodes())
+    trained = set(b.params)
+    kept = [t for t in g.initializer if t.name not in trained]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    g.input.extend(value_info(p, b.fwd_inits[p].data_type, b.fwd_inits[p].dims) for p in b.params)
+    for p in b.params:
+        t = b.fwd_inits[p]
+        g.output.append(value_info(bw.gradients[p], t.data_type, t.dims))
+    for mo in moments:
+        t = b.fwd_inits[mo["buffers"][0]]
+        g.output.extend([value_info(mo["mean"], t.data_type, t.dims), value_info(mo["var"], t.data_type, t.dims),
+                         value_info(mo["size"], TensorProto.INT64, [])])
+
+    spec = StepSpec(
+        data_inputs=fl.data_inputs, target=fl.target, lr=lr, step=step, loss=fl.loss, logits=None,
+        output=b.out_vi.name, params=b.params, buffers=[x for x in b.buffers if x in st.updates], state=state_map,
+        updates=st.updates, frozen=b.frozen_all, loss_kind=loss, optimizer=optimizer.config(),
+        clip_grad_norm=clip_grad_norm)
+    grads = {p: bw.gradients[p] for p in b.params}
+    for part, role in ((m, "gradient"), (upd, "update")):
+        if grad_options.get("target") == "portable":  # the loss and training-mode BN as plain ops
+            expand_for_portability(part)
+        eliminate_common_subexpressions(part.graph)
+        metadata.put(part, META_KEY, json.dumps({"role": role, "spec": spec.__dict__, "grads": grads,
+                                                 "moments": moments}, sort_keys=True))
+        check_full(part, TrainingError, f"the data-parallel {role} model fails the ONNX checker (a bug; please report)")
+    log.info("split training step: %d params, gradient model %d nodes, update model %d nodes", len(b.params),
+             len(g.node), len(ug.node))
+    return SplitStep(m, upd, spec, grads, moments, st.initial, b.loaded)
+
+
+@dataclass
+class _Backward:
+    """Stages 1 and 2 on a private copy: what both the fused and the split step build on."""
+
+    model: onnx.ModelProto           # the forward + loss + backward graph
+    bw: object                       # the onnxbp.backward result
+    fl: "_ForwardLoss"
+    out_vi: onnx.ValueInfoProto
+    loaded: onnx.ModelProto          # the forward model as loaded and checked
+    fwd_inits: dict
+    params: list
+    buffers: list
+    frozen_all: list
+
+
+def _forward_backward(model, loss, optimizer, requires_grad, frozen_params, output, bn_stats, dropout_seed,
+                      grad_options) -> _Backward:
+    if loss not in LOSSES:
+        raise TrainingError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if bn_stats not in ("torch", "onnx"):
+        raise TrainingError(f"bn_stats={bn_stats!r}; choose torch or onnx")
+    grad_options = dict(grad_options)
+    conv_forward = grad_options.pop("conv_forward", "auto")  # a step option, not a backward one
+    if conv_forward not in ("auto", "conv"):
+        raise TrainingError(f"conv_forward={conv_forward!r}; choose auto or conv")
+    loaded = fwd = load_model(model)
+    has_train_ops = any(n.op_type in ("BatchNormalization", "Dropout") for n in fwd.graph.node)
+    need = 14 if has_train_ops else 13
+    if default_opset(fwd) < need:
+        log.info("converting the model from opset %d to %d for training", default_opset(fwd), need)
+        fwd = convert_opset(fwd, need, "training", TrainingError)
+    req, frozen, buffers = resolve_params(fwd, requires_grad, frozen_params)
+    out_vi = _loss_output(fwd, output)
+
+    m = onnx.ModelProto()
+    m.CopyFrom(fwd)
+    fl = _forward_and_loss(m, loss, out_vi, dropout_seed)
+    if conv_forward == "auto":
+        trained = req if req is not None else [t.name for t in m.graph.initializer if t.data_type in FLOAT_TYPES
+                                               and t.name not in frozen and t.name not in buffers]
+        lower_weight_bound_convs(m, trained, shapeinfo.infer(m))
+    try:
+        bw = backward(m, req, seeds={fl.loss: 1.0}, frozen=set(frozen) | set(buffers),
+                      check=False, inplace=True, **grad_options)
+    except OnnxbpError as exc:
+        raise type(exc)(f"building the backward graph of the training step: {exc}") from None
+    fwd_inits = {t.name: t for t in fwd.graph.initializer}
+    params = [p for p in (req or list(fwd_inits)) if p in bw.gradients]
+    frozen_all = [t.name for t in fwd.graph.initializer
+                  if t.data_type in FLOAT_TYPES and t.name not in bw.gradients and t.name not in buffers]
+    for p in frozen_all:
+        if p not in frozen:
+            log.info("parameter %s gets no gradient from the loss; it stays constant", p)
+    return _Backward(bw.model, bw, fl, out_vi, loaded, fwd_inits, params, buffers, frozen_all)
+
+
+def clip_gradients(w: GraphWriter, params: list, grads: dict, fwd_inits: dict,
+                   max_norm: Optional[float]) -> dict:
+    """Gradient clipping by global norm, as ``torch.nn.utils.clip_grad_norm_(max_norm)`` does it::
+
+        norm  = sqrt(sum_p ReduceSumSquare(g_p))          (in float32)
+        scale = min(1, max_norm / (norm + 1e-6))
+        g_p   = g_p * scale
+
+    Returns ``{p: clipped gradient tensor}`` (``grads`` itself without ``max_norm``).  torch takes
+    the norm of the per-tensor norms; the sum of squares is the same number up to float32 roundoff.
+    """
+    if max_norm is None:
+        return grads
+    if not (isinstance(max_norm, (int, float)) and math.isfinite(max_norm) and max_norm > 0):
+        raise TrainingError(f"clip_grad_norm={max_norm!r}; give a positive maximum norm")
+    if not params:
+        return grads
+    cw = w.scoped("train/clip_grad_norm")
+    elem = fwd_inits[params[0]].data_type
+    f = np_dtype(elem)
+    squares = []
+    for p in params:
+        sq = cw.op("ReduceSumSquare", grads[p], name="sum_sq", keepdims=0)
+        if fwd_inits[p].data_type != elem:
+            sq = cw.cast(sq, elem)
+        squares.append(sq)
+    total = cw.add_n(squares) if len(squares) > 1 else squares[0]
+    norm = cw.op("Sqrt", total, name="global_norm")
+    coef = cw.op("Div", cw.const(float(max_norm), dtype=f), cw.op("Add", norm, cw.const(1e-6, dtype=f), name="norm_eps"),
+                 name="coef")
+    scale = cw.op("Min", coef, cw.const(1.0, dtype=f), name="scale")
+    out = {}
+    for p in params:
+        s = scale if fwd_inits[p].data_type == elem else cw.cast(scale, fwd_inits[p].data_type)
+        out[p] = cw.op("Mul", grads[p], s, name="clipped")
+    return out
+
+
+def _scalar_inputs(w: GraphWriter, st: "_Carried", optimizer, infos: dict) -> tuple:
+    """The ``lr`` (float) and, for optimizers that need it, ``step`` (int64) scalar inputs."""
+    lr = w.fresh("lr")
+    step = w.fresh("step") if optimizer.needs_step else None
+    infos[lr] = TensorInfo(TensorProto.FLOAT, ())
+    st.inputs.append(value_info(lr, TensorProto.FLOAT, []))
+    if step:
+        infos[step] = TensorInfo(TensorProto.INT64, ())
+        st.inputs.append(value_info(step, TensorProto.INT64, []))
+    return lr, step
 
 
 #: Ops that may write their output into the buffer of an input they read: each output element
@@ -424,7 +640,8 @@ def _optimizer_stage(w: GraphWriter, st: _Carried, optimizer, params: list, grad
     return state_map
 
 
-def _running_stats_stage(w: GraphWriter, st: _Carried, bns: list, bn_stats: str, infos: dict) -> None:
+def _running_stats_stage(w: GraphWriter, st: _Carried, bns: list, bn_stats: str, infos: dict,
+                         moments: Optional[list] = None) -> None:
     """Stage 4: BatchNormalization running statistics as carried tensors.
 
     ``bn_stats="torch"`` turns ONNX's biased running variance into PyTorch's
@@ -432,31 +649,73 @@ def _running_stats_stage(w: GraphWriter, st: _Carried, bns: list, bn_stats: str,
     inputs after BN: onnxruntime (1.32, CPU) writes a training-mode BN's
     running_mean/var into its input buffers in place when those outputs are
     not graph outputs, so a later reader would see the new values.
+
+    ``moments`` (the update model of :func:`build_split_step`, one entry per BN): the running
+    statistics follow ONNX's formula from the global batch mean, biased variance and per-channel
+    count, which are inputs (there is no BN node in that model).
     """
-    for node, rm_onnx, rv_onnx in bns:
+    for k, (node, rm_onnx, rv_onnx) in enumerate(bns):
         x, mean_in, var_in = node.input[0], node.input[3], node.input[4]
         t = st.fwd_inits[var_in]
-        rv_new = rv_onnx
-        if bn_stats == "torch":
+        f = np_dtype(t.data_type)
+        mom = _momentum(node)
+        if moments is not None:
+            mo = moments[k]
             bw = w.scoped("train/bn")
-            f = np_dtype(t.data_type)
-            mom = next((a.f for a in node.attribute if a.name == "momentum"), 0.9)
-            shape = infos.get(x, TensorInfo()).shape
-            if shape is None:
-                raise TrainingError(f"BatchNormalization node {node.name!r}: the rank of its input {x!r} is unknown")
-            axes = [0] + list(range(2, len(shape)))
-            mean = bw.reduce_mean(x, axes, True)
-            d = bw.op("Sub", x, mean, name="centered")
-            # the same nodes as the BatchNormalization backward's batch statistics (rules/norm.py), so
-            # that optimize.eliminate_common_subexpressions computes them once
-            var_b = bw.squeeze(bw.reduce_mean(bw.op("Mul", d, d, name="sq"), axes, True), axes)
-            c = bw.op("Cast", bw.op("Shape", rv_onnx, name="channels"), to=t.data_type)
-            n = bw.op("Div", bw.op("Cast", bw.op("Size", x, name="size"), to=t.data_type), c, name="count")
-            nm1 = bw.op("Sub", n, bw.const(1.0, dtype=f), name="count_minus_1")
-            corr = bw.op("Div", bw.op("Mul", var_b, bw.const(1.0 - mom, dtype=f)), nm1, name="bessel")
-            rv_new = bw.op("Add", rv_onnx, corr, name="unbiased_running_var")
-        for src, name in ((rm_onnx, mean_in), (rv_new, var_in)):
+            keep, new = bw.const(mom, dtype=f), bw.const(1.0 - mom, dtype=f)
+            rm_new = bw.op("Add", bw.op("Mul", mean_in, keep), bw.op("Mul", mo["mean"], new), name="running_mean")
+            var = mo["var"]
+            if bn_stats == "torch":
+                nm1 = bw.op("Sub", mo["count"], bw.const(1.0, dtype=f), name="count_minus_1")
+                var = bw.op("Mul", var, bw.op("Div", mo["count"], nm1, name="bessel"), name="unbiased_var")
+            rv_new = bw.op("Add", bw.op("Mul", var_in, keep), bw.op("Mul", var, new), name="running_var")
+        else:
+            rm_new, rv_new = rm_onnx, rv_onnx
+            if bn_stats == "torch":
+                bw = w.scoped("train/bn")
+                _, var_b = _batch_moments(bw, x, t.data_type, infos, node)
+                c = bw.op("Cast", bw.op("Shape", rv_onnx, name="channels"), to=t.data_type)
+                n = bw.op("Div", bw.op("Cast", bw.op("Size", x, name="size"), to=t.data_type), c, name="count")
+                nm1 = bw.op("Sub", n, bw.const(1.0, dtype=f), name="count_minus_1")
+                corr = bw.op("Div", bw.op("Mul", var_b, bw.const(1.0 - mom, dtype=f)), nm1, name="bessel")
+                rv_new = bw.op("Add", rv_onnx, corr, name="unbiased_running_var")
+        for src, name in ((rm_new, mean_in), (rv_new, var_in)):
             if name in st.updates:
                 continue
             st.to_input(name)
             st.carry(w, name, src)
+
+
+def _momentum(node: onnx.NodeProto) -> float:
+    return next((a.f for a in node.attribute if a.name == "momentum"), 0.9)
+
+
+def _batch_moments(bw: GraphWriter, x: str, elem: int, infos: dict, node: onnx.NodeProto,
+                   out: Optional[tuple] = None) -> tuple:
+    """The batch mean (kept dims) and biased variance (per channel) of BN input ``x``; ``out``:
+    also write them, per channel, to these two names (the split step's gradient outputs)."""
+    shape = infos.get(x, TensorInfo()).shape
+    if shape is None:
+        raise TrainingError(f"BatchNormalization node {node.name!r}: the rank of its input {x!r} is unknown")
+    axes = [0] + list(range(2, len(shape)))
+    mean = bw.reduce_mean(x, axes, True)
+    d = bw.op("Sub", x, mean, name="centered")
+    # the same nodes as the BatchNormalization backward's batch statistics (rules/norm.py), so that
+    # optimize.eliminate_common_subexpressions computes them once
+    var_b = bw.squeeze(bw.reduce_mean(bw.op("Mul", d, d, name="sq"), axes, True), axes)
+    if out is not None:
+        bw.op("Reshape", mean, bw.ints([-1]), out=out[0], name="batch_mean")
+        bw.op("Identity", var_b, out=out[1], name="batch_var")
+    return mean, var_b
+
+
+def _moment_names(w: GraphWriter, bns: list, fwd_inits: dict) -> list:
+    """Per BatchNormalization node, the names of its batch moments in the split step (JSON-ready)."""
+    out = []
+    for node, _, _ in bns:
+        label = node.name or node.output[0]
+        out.append({"node": label, "buffers": [node.input[3], node.input[4]],
+                    "channels": int(np.prod(fwd_inits[node.input[3]].dims)), "momentum": _momentum(node),
+                    "mean": w.fresh(f"{label}/batch_mean"), "var": w.fresh(f"{label}/batch_var"),
+                    "size": w.fresh(f"{label}/input_size"), "count": w.fresh(f"{label}/global_count")})
+    return out
