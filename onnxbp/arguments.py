@@ -52,6 +52,7 @@ def suffix(value: Any, error: type) -> str:
 def instance(value: Any, cls, what: str, error: type, hint: str = ""):
     """``value`` if it is an instance of ``cls`` (a class or a tuple of classes)."""
     if not isinstance(value, cls):
-        names_ = " or ".join(c.__name__ for c in (cls if isinstance(cls, tuple) else (cls,)))
-        raise error(f"{what} must be a {names_}{hint}, got {_what(value)}")
+        classes = [c.__name__ for c in (cls if isinstance(cls, tuple) else (cls,))]
+        names_ = classes[0] if len(classes) == 1 else f"{', '.join(classes[:-1])} or {classes[-1]}"
+        raise error(f"{what} must be an instance of {names_}{hint}, got {_what(value)}")
     return value

@@ -26,7 +26,7 @@ CASES = [
     ("gradient(grad_suffix='')", lambda: onnxbp.gradient(MLP, grad_suffix=""), onnxbp.OptionError,
      "grad_suffix must be a non-empty string, got str ''"),
     ("gradient(registry=5)", lambda: onnxbp.gradient(MLP, registry=5), onnxbp.OptionError,
-     "registry must be a Registry (onnxbp.Registry), got int 5"),
+     "registry must be an instance of Registry (onnxbp.Registry), got int 5"),
     ("gradient(conv_strategy='x')", lambda: onnxbp.gradient(MLP, conv_strategy="x"), onnxbp.OptionError,
      "option conv_strategy='x' is not supported; choose one of"),
     ("gradient(unknown=1)", lambda: onnxbp.gradient(MLP, unknown=1), onnxbp.OptionError, "unknown option 'unknown'"),
@@ -52,6 +52,37 @@ CASES = [
     ("check_gradients(batch_size=2.5)", lambda: onnxbp.check_gradients(MLP, batch_size=2.5), onnxbp.OptionError,
      "batch_size=2.5"),
 ]
+
+
+def _trainer():
+    from onnxbp.training import Trainer
+    return Trainer(MLP, threads=1)
+
+
+def _training_cases():
+    from onnxbp.training import Trainer, TrainingError, DataError
+    x = np.zeros((2, 3), np.float32)
+    y = np.zeros(2, np.int64)
+    return [
+        ("Trainer(optimizer='sgd')", lambda: Trainer(MLP, optimizer="sgd"), TrainingError,
+         "optimizer must be an instance of SGD, Adam or AdamW (onnxbp.training.SGD(...), Adam(...) or AdamW(...)), "
+         "got str 'sgd'"),
+        ("Trainer(threads='two')", lambda: Trainer(MLP, threads="two"), TrainingError,
+         "threads must be a whole number >= 1 (or None: onnxruntime's default), got 'two'"),
+        ("Trainer(loss='hinge')", lambda: Trainer(MLP, loss="hinge"), TrainingError, "unknown loss 'hinge'"),
+        ("train_step(x of the wrong shape)", lambda: _trainer().train_step(x, y), DataError,
+         "batch inputs has shape (2, 3), but model input 'x' expects N x 64"),
+        ("train_step(lr='x')", lambda: _trainer().train_step(np.zeros((2, 64), np.float32), y, lr="x"),
+         TrainingError, "lr must be a finite number, got 'x'"),
+        ("evaluate(x of the wrong shape)", lambda: _trainer().evaluate(x), DataError,
+         "batch inputs has shape (2, 3), but model input 'x' expects N x 64"),
+        ("load_state_dict({})", lambda: _trainer().load_state_dict({}), TrainingError,
+         "load_state_dict takes the dict state_dict() returns"),
+        ("load_state_dict(5)", lambda: _trainer().load_state_dict(5), TrainingError, "got int"),
+    ]
+
+
+CASES += _training_cases()
 
 
 @pytest.mark.parametrize("call, fn, error, text", CASES, ids=[c[0] for c in CASES])

@@ -17,15 +17,17 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from .. import arguments
 from ..errors import OnnxbpError
-from ..modelio import ModelLike, check_full, convert_opset, cpu_session, load_model, save_model_atomic
+from ..modelio import (ModelLike, check_full, convert_opset, cpu_session, first_line, load_model,
+                       save_model_atomic)
 from .data import (Dataset, check_shared_dims, load_dataset, n_samples, take, validate_arrays,
                    validate_dataset)
 from .errors import DataError, TrainingError
 from ..types import TensorInfo, default_opset, np_dtype, value_info_dims
 from ..writer import GraphWriter, value_info
 from .losses import IGNORE_INDEX, add_loss
-from .optimizers import AdamW
+from .optimizers import SGD, Adam, AdamW
 from .step import StepModel, build_split_step, build_step_model, in_place_updates
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,10 @@ class Trainer:
                  bn_stats: str = "torch", comm=None, bucket_mb: Optional[float] = None, **grad_options):
         self.source = model if isinstance(model, (str, os.PathLike)) else None
         self.optimizer = optimizer if optimizer is not None else AdamW()
+        arguments.instance(self.optimizer, (SGD, Adam, AdamW), "optimizer", TrainingError,
+                           " (onnxbp.training.SGD(...), Adam(...) or AdamW(...))")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise TrainingError(f"threads must be a whole number >= 1 (or None: onnxruntime's default), got {threads!r}")
         self.comm = comm
         self._dist = None
         options = dict(loss=loss, optimizer=self.optimizer, requires_grad=requires_grad,
@@ -236,9 +242,21 @@ class Trainer:
             y = np.ascontiguousarray(y, dtype=self.target_dtype)
         return (feeds[self.input_name] if self.input_name and not isinstance(x, dict) else feeds), y
 
+    def _run(self, session, binding, x, y) -> None:
+        """Run a bound session; a failure onnxruntime reports (a batch of the wrong shape or type on
+        the unchecked fast path) becomes the one-line DataError that check_batch gives, or a
+        TrainingError with onnxruntime's first line."""
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            self.check_batch(x, y)
+            raise TrainingError(f"onnxruntime failed to run the step: {first_line(exc)}") from None
+
     def train_step(self, x: np.ndarray, y: Optional[np.ndarray] = None, lr: float = 1e-3,
                    check: bool = False) -> float:
         """One optimizer step on a batch; returns the loss (before the update)."""
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)) or not np.isfinite(lr):
+            raise TrainingError(f"lr must be a finite number, got {lr!r}")
         if check and (self._dist is None or n_samples(x)):
             x, y = self.check_batch(x, y)
         feeds = self.feeds(x)
@@ -263,7 +281,7 @@ class Trainer:
             b.bind_ortvalue_input(name, self._a[name])
             b.bind_ortvalue_output(out, self._b[name])
         b.bind_ortvalue_output(self.spec.loss, self._loss_value)
-        self.session.run_with_iobinding(b)
+        self._run(self.session, b, x, y)
         self._a, self._b = self._b, self._a
         self.step_count += 1
         return float(self._loss_value.numpy())
@@ -282,7 +300,7 @@ class Trainer:
             for name in self._eval_inputs():
                 b.bind_ortvalue_input(name, self._a[name])
             b.bind_output(self.spec.output, "cpu")
-            self.eval_session.run_with_iobinding(b)
+            self._run(self.eval_session, b, x, None)
             outs.append(b.copy_outputs_to_cpu()[0])
         return np.concatenate(outs, axis=0) if outs else np.zeros((0,))
 
@@ -326,6 +344,9 @@ class Trainer:
         return {"tensors": d, "step": self.step_count}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("tensors"), dict):
+            raise TrainingError(f"load_state_dict takes the dict state_dict() returns ({{'tensors': {{name: array}}, "
+                                f"'step': n}}), got {type(state).__name__}")
         tensors = state["tensors"]
         missing = [n for n in self._carried if n not in tensors]
         if missing:
