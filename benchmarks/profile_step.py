@@ -37,6 +37,8 @@ def stages_of(model) -> dict:
     for n in model.graph.node:
         if n.doc_string.startswith("onnxbp: backward"):
             out[n.name] = "backward"
+        elif n.name.startswith("train/conv/"):  # training/conv_forward.py: a Conv's forward as one Gemm
+            out[n.name] = "forward"
         elif n.name.startswith("train/") and any(k in n.name for k in ("cross_entropy", "/loss", "mse")):
             out[n.name] = "loss"
         elif n.name.startswith("train/"):
