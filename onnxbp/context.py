@@ -181,6 +181,12 @@ class GradContext(GraphWriter):
         """
         return self._build.view.constant_value(name)
 
+    def known_value(self, name: Optional[str]) -> Optional[np.ndarray]:
+        """:meth:`constant_value`, or the value of a small integer tensor the forward computes from
+        constants and static dims only (an exporter's ``Reshape(Cast(Constant))`` axes, a
+        ``Shape -> Gather`` of static dims); ``None`` where it depends on anything else."""
+        return self._build.view.known_value(name)
+
     def fail(self, what: str) -> None:
         """Raise a one-line :class:`UnsupportedAttributeError` about this node."""
         raise UnsupportedAttributeError(

@@ -51,6 +51,7 @@ class GraphView:
                 value = next((a.t for a in node.attribute if a.name == "value"), None)
                 self._constants.setdefault(node.output[0], value)
         self.sequence_why: dict = {}
+        self._folded: Optional[dict] = None  # shapeinfo.folded_ints, computed on first known_value()
         self.nodes = self._analysis_view(list(model.graph.node))
         self._captures = {id(n): outer_names(n) for n in self.nodes if has_subgraph(n)}
         self._labels: dict = {}
@@ -86,6 +87,17 @@ class GraphView:
         """
         tensor = self._constants.get(name) if name else None
         return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def known_value(self, name: Optional[str]) -> Optional[np.ndarray]:
+        """:meth:`constant_value`, else the value of a small integer tensor that is fixed given the
+        static shapes (``shapeinfo.folded_ints``: ``Reshape(Cast(Constant))``, ``Shape -> Gather``
+        of static dims, ...), else ``None``.  For rules that need axes or positions at build time."""
+        value = self.constant_value(name)
+        if value is not None or not name:
+            return value
+        if self._folded is None:
+            self._folded = shapeinfo.folded_ints(self.model, self.infos)
+        return self._folded.get(name)
 
     def tensor_names(self) -> set:
         """Every tensor of the forward graph: inputs, initializers and node outputs."""

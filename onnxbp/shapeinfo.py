@@ -152,6 +152,23 @@ def _fold(model: onnx.ModelProto, infos: dict) -> dict:
                 i in vals for i in node.input[1:] if i):
             _learn(learned, infos, node.output[0], node.input[0],
                    _slice_dims(infos.get(node.input[0]), [vals[i] if i else None for i in node.input[1:]]))
+        elif node.op_type == "Unsqueeze" and len(node.input) > 1 and node.input[1] in vals:
+            src = infos.get(node.input[0])
+            axes = [_as_int(v) for v in np.asarray(vals[node.input[1]]).reshape(-1)]
+            if src is not None and src.shape is not None and None not in axes:
+                rank = len(src.shape) + len(axes)
+                axes = sorted(a % rank for a in axes)
+                rest = iter(src.shape)
+                _learn(learned, infos, node.output[0], node.input[0],
+                       [1 if k in axes else next(rest) for k in range(rank)])
+        elif node.op_type == "Pad" and len(node.input) > 1 and node.input[1] in vals:
+            # F.pad's TorchScript pads are computed (ConstantOfShape, Concat, Reshape, Slice, Transpose)
+            src = infos.get(node.input[0])
+            axes = vals.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            if src is not None and src.shape is not None and (len(node.input) <= 3 or not node.input[3]
+                                                               or axes is not None):
+                _learn(learned, infos, node.output[0], node.input[0],
+                       _pad_dims(list(src.shape), vals[node.input[1]], axes))
         elif node.op_type == "GroupNormalization" and node.input and node.output:
             # onnx has no shape inference for it (a function op): Y has X's type and shape
             src = infos.get(node.input[0])
@@ -167,6 +184,40 @@ def _fold(model: onnx.ModelProto, infos: dict) -> dict:
 
 
 _INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+
+
+def folded_ints(model: onnx.ModelProto, infos: dict) -> dict:
+    """``{tensor: np.ndarray}``: the small integer tensors whose every element the folding above
+    computes from constants and static dims alone (no symbolic dim, nothing read at run time).
+
+    An exporter writes a Slice's axes or starts as ``Reshape(Cast(Constant))`` or ``Shape -> Gather
+    -> Add``: values that are fixed once the shapes are static, which ``GraphView.known_value``
+    hands to the rules that need them at build time.  Initializers that are also graph inputs
+    (a fed value overrides them) are left out, and so is everything computed from them.
+    """
+    inputs = {i.name for i in model.graph.input}
+    vals: dict = {}
+    for init in model.graph.initializer:
+        if init.name not in inputs and init.data_type in _INT_TYPES and int(np.prod(init.dims)) <= _MAX_ELEMENTS:
+            vals[init.name] = numpy_helper.to_array(init).astype(object)
+    out: dict = {}
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or not node.output:
+            continue
+        try:
+            v = _eval(node, vals, infos)
+        except Exception:  # noqa: BLE001 - anything unexpected: leave this value unknown
+            v = None
+        if v is None:
+            continue
+        vals[node.output[0]] = v
+        info = infos.get(node.output[0])
+        elem = info.elem_type if info is not None else None
+        flat = np.asarray(v, dtype=object).reshape(-1)
+        if elem in _INT_TYPES and all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in flat):
+            dtype = np.int64 if elem == onnx.TensorProto.INT64 else np.int32
+            out[node.output[0]] = np.asarray(v, dtype=object).astype(dtype)
+    return out
 
 
 def _attr(node, name, default):
@@ -205,7 +256,11 @@ def _eval(node, vals, infos) -> Optional[np.ndarray]:
         if isinstance(t, onnx.TensorProto) and t.data_type in _INT_TYPES | {onnx.TensorProto.FLOAT} \
                 and int(np.prod(t.dims)) <= _MAX_ELEMENTS:
             return numpy_helper.to_array(t).astype(object)
-        return None
+        ints = _attr(node, "value_ints", None)  # the dynamo exporter's [-1] Reshape targets
+        if ints is not None and len(ints) <= _MAX_ELEMENTS:
+            return np.array([int(v) for v in ints], dtype=object)
+        one = _attr(node, "value_int", None)
+        return None if one is None else np.array(int(one), dtype=object)
     if op == "Shape":
         info = infos.get(ins[0])
         if info is None or info.shape is None:
@@ -232,6 +287,14 @@ def _eval(node, vals, infos) -> Optional[np.ndarray]:
         return np.array(a[np.asarray(idx, dtype=np.int64)], dtype=object)
     if op in ("Unsqueeze", "Squeeze"):
         return a.reshape(-1) if op == "Unsqueeze" or a.size == 1 else a
+    if op == "Reshape":  # a small integer tensor to a static target ([-1], [1], a scalar's [])
+        target = get(ins[1]) if len(ins) > 1 else None
+        if target is None or not all(isinstance(d, (int, np.integer)) for d in np.asarray(target).reshape(-1)):
+            return None
+        dims = [int(d) for d in np.asarray(target).reshape(-1)]
+        if _attr(node, "allowzero", 0) == 0:
+            dims = [np.shape(a)[i] if d == 0 and i < np.ndim(a) else d for i, d in enumerate(dims)]
+        return np.asarray(a, dtype=object).reshape(dims)
     if op == "Concat":
         if any(i not in vals for i in ins) or _attr(node, "axis", 0) not in (0, -1):
             return None
@@ -245,12 +308,36 @@ def _eval(node, vals, infos) -> Optional[np.ndarray]:
         a2, b2 = np.broadcast_arrays(np.asarray(a, dtype=object), np.asarray(b, dtype=object))
         out = [fn(x, y) if _num(x) and _num(y) else None for x, y in zip(a2.reshape(-1), b2.reshape(-1))]
         return np.array(out, dtype=object).reshape(a2.shape)
-    if op == "Slice" and a.ndim == 1:
-        if len(ins) >= 3 and all(i in vals for i in ins[1:3]):
-            starts, ends = vals[ins[1]], vals[ins[2]]
-            steps = vals[ins[4]] if len(ins) > 4 and ins[4] in vals else [1]
-            return a[int(starts[0]):int(ends[0]) if int(ends[0]) < 2 ** 62 else None:int(steps[0])]
-        return None
+    if op == "Slice":
+        if len(ins) < 3 or any(i and i not in vals for i in ins[1:5]):
+            return None
+        args = [None if not i else [int(v) for v in np.asarray(vals[i]).reshape(-1)] for i in ins[1:5]]
+        args += [None] * (4 - len(args))
+        starts, ends, axes, steps = args
+        axes = axes if axes is not None else list(range(len(starts)))
+        steps = steps if steps is not None else [1] * len(starts)
+        index = [slice(None)] * a.ndim
+        for st, en, ax, sp in zip(starts, ends, axes, steps):
+            # python's clamping of out-of-range bounds is ONNX's (INT64_MAX / -INT64_MAX as "to the end")
+            index[ax % a.ndim] = slice(st, en, sp)
+        return np.asarray(a, dtype=object)[tuple(index)]
+    if op == "Range":  # the dynamo exporter's GroupNorm: Unsqueeze(weight, Range(1, rank - 1, 1))
+        args = [_as_int(np.asarray(get(i)).reshape(-1)[0]) if get(i) is not None and np.size(get(i)) == 1 else None
+                for i in ins[:3]]
+        if len(args) != 3 or None in args or args[2] == 0:
+            return None
+        r = np.arange(args[0], args[1], args[2])
+        return None if r.size > _MAX_ELEMENTS else r.astype(object)
+    if op == "Transpose":
+        return np.transpose(np.asarray(a, dtype=object), _attr(node, "perm", None))
+    if op == "ConstantOfShape":  # F.pad's pads: Concat(pads, ConstantOfShape(rank - n))
+        dims = [_as_int(v) for v in np.asarray(a).reshape(-1)]
+        t = _attr(node, "value", None)
+        if None in dims or int(np.prod(dims)) > _MAX_ELEMENTS or \
+                (t is not None and t.data_type not in _INT_TYPES):
+            return None
+        fill = int(numpy_helper.to_array(t).reshape(-1)[0]) if t is not None else 0
+        return np.full(dims, fill, dtype=object)
     return None
 
 
@@ -327,6 +414,23 @@ def _slice_dims(src: Optional[TensorInfo], args: list) -> Optional[list]:
             en = min(max(en + n if en < 0 else en, -1), n - 1)
             dims[ax] = max(0, -(-(st - en) // -sp))
     return dims
+
+
+def _pad_dims(dims: list, pads, axes) -> Optional[list]:
+    """Output dims of a Pad whose pads (and axes) are known; symbolic dims stay unknown."""
+    pads = list(np.asarray(pads, dtype=object).reshape(-1))
+    rank = len(dims)
+    axes = list(range(rank)) if axes is None else [int(v) % rank for v in np.asarray(axes).reshape(-1)]
+    if len(pads) != 2 * len(axes) or not all(isinstance(v, (int, np.integer)) for v in pads):
+        return None
+    out = list(dims)
+    for k, ax in enumerate(axes):
+        before, after = int(pads[k]), int(pads[k + len(axes)])
+        if isinstance(dims[ax], int):
+            out[ax] = dims[ax] + before + after
+        elif before or after:  # a padded symbolic dim; an unpadded one keeps its symbol
+            out[ax] = None
+    return out
 
 
 def _broadcast(src: list, target: list) -> list:

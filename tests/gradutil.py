@@ -88,3 +88,41 @@ def assert_close(ours, ref, rtol: float, atol: float, what: str = "") -> float:
     rel = err / max(scale, 1e-30)
     _record("reference (torch/numpy)", rel)
     return rel
+
+
+_TORCHVISION_OPS = None
+
+
+def import_torchvision():
+    """Make ``import torchvision`` work where it can (timm and transformers' image models import it).
+
+    The torchvision wheel on PyPI is a CUDA build: with torch's CPU build (the test extra's torch
+    2.13.0) its C ops do not load, and torchvision 0.28 then fails at import time registering fake
+    kernels for ``torchvision::nms`` and ``::qnms``, ops that do not exist ("operator torchvision::nms
+    does not exist").  transformers imports torchvision whenever it is installed, so that failure
+    also breaks ``from transformers import BertForSequenceClassification`` ("Could not import
+    module ...").  Where that is the failure, the two op schemas are defined (no kernel: no test
+    calls them) and the import is retried.  Returns the module, or None where torchvision is absent.
+    Called once from conftest (only when torchvision is installed) and by tests/test_architectures.py.
+    """
+    global _TORCHVISION_OPS
+    import sys
+
+    import torch
+
+    try:
+        import torchvision
+        return torchvision
+    except ImportError:
+        return None
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+    for k in [k for k in sys.modules if k.split(".")[0] == "torchvision"]:
+        del sys.modules[k]
+    if _TORCHVISION_OPS is None:
+        _TORCHVISION_OPS = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
+            _TORCHVISION_OPS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import torchvision
+    return torchvision
