@@ -53,17 +53,14 @@ def build(tree: Path, forward: Path, opt: str, requires_grad, out: Path) -> floa
 
 class Side:
     def __init__(self, prefix: Path, threads: int):
+        import onnx
         import onnxruntime as ort
+
+        from onnxbp.modelio import cpu_session
 
         self.spec = json.loads(Path(str(prefix) + ".json").read_text())
         initial = np.load(str(prefix) + ".npz")
-        so = ort.SessionOptions()
-        so.enable_mem_pattern = False
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.log_severity_level = 3
-        self.sess = ort.InferenceSession(str(prefix) + ".onnx", so, providers=["CPUExecutionProvider"])
+        self.sess = cpu_session(onnx.load(str(prefix) + ".onnx"), threads, mem_pattern=False)  # the Trainer's options
         self.a, self.b = {}, {}
         for name in self.spec["updates"]:
             arr = np.ascontiguousarray(initial[name])

@@ -49,19 +49,12 @@ def stages_of(model) -> dict:
 
 
 def profile_onnxbp(case, opt, lr, threads, steps) -> dict:
-    import onnxruntime as ort
+    from onnxbp.modelio import cpu_session
 
     side = bench_peers.OnnxbpSide(case.model, case.requires_grad, case.xs, case.ys, opt, lr, threads)
     tr = side.trainer
-    so = ort.SessionOptions()
-    so.enable_mem_pattern = False
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    so.enable_profiling = True
-    so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
-    tr.session = ort.InferenceSession(tr.step_model.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    tr.session = cpu_session(tr.step_model.model, threads, mem_pattern=False,
+                             profile_prefix=str(Path(tempfile.mkdtemp()) / "ort"))
     tr._binding = tr.session.io_binding()
     for i in range(2):
         side.step(i)          # warm-up (not separable from the profile: dropped below by run index)

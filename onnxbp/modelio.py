@@ -653,21 +653,7 @@ def write_bytes_atomic(path: Union[str, os.PathLike], data: bytes) -> Path:
     left by a writer that was killed (its process is gone) are removed.
     """
     out = writable_target(path)
-    _remove_stale_temporaries(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model gets the usual mode
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _write_atomic(out, lambda fh: fh.write(data))
     return out
 
 
@@ -701,14 +687,19 @@ def _umask() -> int:
     return mask
 
 
-def cpu_session(model: onnx.ModelProto, threads: Optional[int] = 1, *, mem_pattern: bool = True):
+def cpu_session(model: onnx.ModelProto, threads: Optional[int] = 1, *, mem_pattern: bool = True,
+                profile_prefix: Optional[str] = None):
     """An onnxruntime CPU session: ``threads`` intra-op threads (None: onnxruntime's default), no
     busy-waiting, quiet.  ``mem_pattern=False`` turns off onnxruntime's one-block memory plan
-    (training steps: see :class:`onnxbp.training.Trainer`)."""
+    (training steps: see :class:`onnxbp.training.Trainer`); ``profile_prefix``: onnxruntime's
+    profiler on, its JSON written under that prefix (benchmarks/profile_step.py)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.enable_mem_pattern = mem_pattern
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
