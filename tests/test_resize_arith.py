@@ -36,18 +36,11 @@ def _run(x, opset, attrs, scales=None, sizes=None, roi=None):
     if opset == 10:
         init("scales", TensorProto.FLOAT, scales)
     else:
-        if roi is not None:
-            init("roi", TensorProto.FLOAT, roi)
-        elif opset == 11:
-            init("roi", TensorProto.FLOAT, [])
-        else:
-            ins.append("")
-        if scales is not None:
-            init("scales", TensorProto.FLOAT, scales)
-        elif opset == 11:
-            init("scales", TensorProto.FLOAT, [])
-        else:
-            ins.append("")
+        for name, value in (("roi", roi), ("scales", scales)):  # opset 11 wants them present, empty
+            if value is not None or opset == 11:
+                init(name, TensorProto.FLOAT, [] if value is None else value)
+            else:
+                ins.append("")
         if sizes is not None:
             init("sizes", TensorProto.INT64, sizes)
     node = helper.make_node("Resize", ins, ["Y"], **attrs)
