@@ -422,8 +422,10 @@ def _torch_resize(a):
 
     nearest: asymmetric + floor is torch's ``nearest``, half_pixel + round_prefer_ceil its
     ``nearest-exact``; linear / cubic (a = -0.75, exclude_outside 0): pytorch_half_pixel or half_pixel
-    (no output dim of 1) is ``align_corners=False``, align_corners ``True``.  The batch and channel
-    axes are not resized.
+    (no output dim of 1) is ``align_corners=False``, align_corners ``True``.  ``antialias=1`` when
+    downscaling is torch's ``antialias=True`` with exclude_outside=1 (torch drops the taps outside
+    the input and renormalises) and, for cubic, a = -0.5 (Pillow's).  The batch and channel axes are
+    not resized.
     """
     def f(x, *rest):
         F = _F()
@@ -443,6 +445,10 @@ def _torch_resize(a):
         else:
             tmode = ({1: "linear", 2: "bilinear", 3: "trilinear"}[nsp] if mode == "linear" else "bicubic")
             kw["align_corners"] = coord == "align_corners"
+            if a.get("antialias", 0):
+                assert a.get("exclude_outside", 0) == 1, "torch's antialias drops the outside taps"
+                assert mode == "linear" or a.get("cubic_coeff_a") == -0.5, "torch's antialiased bicubic has a = -0.5"
+                kw["antialias"] = True
         return F.interpolate(x, mode=tmode, **kw)
     return f
 
@@ -872,6 +878,25 @@ TABLE: list = [
     _resize_entry("fd-coordinate-modes", tuple({"mode": m, "coordinate_transformation_mode": c}
                                                for m in ("linear", "cubic")
                                                for c in ("asymmetric", "half_pixel_symmetric")), (19,), ref=False),
+    _resize_entry("torch-antialias", ({"mode": "linear", "antialias": 1, "exclude_outside": 1},
+                                      {"mode": "cubic", "antialias": 1, "exclude_outside": 1, "cubic_coeff_a": -0.5}),
+                  (18, 19), scales=(("down", [1, 1, 0.5, 0.75]), ("down-more", [1, 1, 0.3, 0.6])),
+                  sizes=(("sizes-down", [1, 2, 2, 3]),)),
+    OpInfo("Resize", _resize_cases(18, (
+        ("linear-fold-edges", {"mode": "linear", "antialias": 1}, (1, 2, 6, 5), [1, 1, 0.5, 0.4], None, None),
+        ("cubic-fold-edges", {"mode": "cubic", "antialias": 1}, (1, 2, 6, 5), [1, 1, 0.5, 0.7], None, None),
+        ("linear-up", {"mode": "linear", "antialias": 1}, (1, 2, 3, 4), [1, 1, 2, 1.5], None, None),
+        ("cubic-mixed", {"mode": "cubic", "antialias": 1, "coordinate_transformation_mode": "align_corners"},
+         (1, 2, 6, 5), [1, 1, 1.7, 0.6], None, None),
+        ("nhwc", {"mode": "linear", "antialias": 1}, (1, 6, 5, 2), [1, 0.5, 0.6, 1], None, None),
+        ("2d-asymmetric", {"mode": "cubic", "antialias": 1, "coordinate_transformation_mode": "asymmetric"},
+         (6, 7), [0.5, 0.45], None, None),
+        ("trilinear-5d", {"mode": "linear", "antialias": 1}, (1, 2, 4, 5, 6), [1, 1, 0.5, 0.6, 0.5], None, None),
+        ("crop", {"mode": "linear", "antialias": 1, "coordinate_transformation_mode": "tf_crop_and_resize",
+                  "extrapolation_value": 1.5}, (1, 2, 6, 5), None, [1, 2, 3, 2],
+         [0, 0, -0.2, 0.1, 1, 1, 0.9, 1.3]))),
+           opsets=(18,), variant="antialias", note="onnxruntime's Pillow-style filters; exclude_outside=0 folds "
+                                                    "the outside taps onto the edge pixels"),
     OpInfo("Resize", _resize_cases(10, (("nearest-up", {"mode": "nearest"}, (1, 2, 3, 4), [1, 1, 2, 1.5], None, None),
                                         ("nearest-down", {"mode": "nearest"}, (1, 2, 4, 5), [1, 1, 0.5, 0.6], None,
                                          None),

@@ -8,6 +8,7 @@ scales / sizes x input lengths.  A second grid resizes random 2-D and 4-D
 inputs along two axes at once and checks ``Y = A_0 X A_1^T`` (separability,
 the premise of the gradient), and the output shapes (scales, sizes,
 keep_aspect_ratio_policy, axes) against the shapes onnxruntime produces.
+The same grid runs with ``antialias=1`` (linear and cubic).
 Tolerance: 1e-6 absolute (weights are float32 in the kernel).
 """
 
@@ -52,14 +53,16 @@ def _run(x, opset, attrs, scales=None, sizes=None, roi=None):
     return sess.run(None, {"X": np.asarray(x, np.float32)})[0]
 
 
-def _matrix_case(n, spec, opset, mode, coord, nearest, exclude=0, a=-0.75, roi=(0.0, 1.0)):
+def _matrix_case(n, spec, opset, mode, coord, nearest, exclude=0, a=-0.75, roi=(0.0, 1.0), antialias=0):
     attrs = {"mode": mode}
     if opset >= 11:
         attrs["coordinate_transformation_mode"] = coord
         if mode == "nearest":
             attrs["nearest_mode"] = nearest
-    if mode == "cubic":
+    if mode == "cubic" or antialias:
         attrs.update(exclude_outside=exclude, cubic_coeff_a=a)
+    if antialias:
+        attrs["antialias"] = 1
     kind, v = spec
     if kind == "scale":
         out, sc = ra.output_shape((n, n), scales=[v, 1.0])
@@ -71,8 +74,14 @@ def _matrix_case(n, spec, opset, mode, coord, nearest, exclude=0, a=-0.75, roi=(
         return  # an empty output: nothing to compare
     full_roi = [roi[0], 0.0, roi[1], 1.0] if coord == "tf_crop_and_resize" else None
     y = _run(np.eye(n, dtype=np.float32), opset, attrs, roi=full_roi, **kw)
-    A = np.eye(n) if out == [n, n] else ra.axis_matrix(
-        n, out[0], sc[0], mode=mode, coord=coord, nearest_mode=nearest, cubic_a=a, exclude_outside=exclude, roi=roi)
+    if out == [n, n]:
+        A = np.eye(n)
+    elif antialias:
+        A = ra.antialias_axis_matrix(n, out[0], sc[0], mode=mode, coord=coord, cubic_a=a, exclude_outside=exclude,
+                                     roi=roi)
+    else:
+        A = ra.axis_matrix(n, out[0], sc[0], mode=mode, coord=coord, nearest_mode=nearest, cubic_a=a,
+                           exclude_outside=exclude, roi=roi)
     assert y.shape == A.shape, (y.shape, A.shape)
     np.testing.assert_allclose(A, y, atol=ATOL, rtol=0)
 
@@ -110,6 +119,19 @@ def test_crop_and_resize_rois(roi, mode):
     """Coordinates outside [0, n-1] give zero rows (the constant extrapolation value)."""
     for n, spec in itertools.product([2, 6], [("size", 1), ("size", 5), ("scale", 1.5), ("scale", 0.5)]):
         _matrix_case(n, spec, 13, mode, "tf_crop_and_resize", "round_prefer_floor", roi=roi)
+
+
+AA_SPECS = [("scale", 0.5), ("scale", 0.3), ("scale", 0.75), ("scale", 0.125), ("scale", 2.0), ("scale", 1.7),
+            ("size", 1), ("size", 3)]
+
+
+@pytest.mark.parametrize("coord", COORDS)
+@pytest.mark.parametrize("mode,exclude,a", [("linear", 0, -0.75), ("linear", 1, -0.75), ("cubic", 0, -0.75),
+                                            ("cubic", 1, -0.75), ("cubic", 0, -0.5), ("cubic", 1, -0.5)])
+def test_antialias_matrices(coord, mode, exclude, a):
+    """antialias=1: the stretched, normalised filters, edges folded (exclude 0) or dropped (exclude 1)."""
+    for n, spec in itertools.product([1, 5, 9, 16], AA_SPECS):
+        _matrix_case(n, spec, 18, mode, coord, None, exclude=exclude, a=a, roi=ROI, antialias=1)
 
 
 @pytest.mark.parametrize("mode", ["nearest", "linear"])

@@ -119,11 +119,11 @@ def _refusal(node, x_shape, inits, y_shape, opset, inputs=()):
     return text
 
 
-def test_antialias_is_refused():
-    node = helper.make_node("Resize", ["X", "", "scales"], ["Y"], name="aa", mode="linear", antialias=1)
+def test_antialias_nearest_is_refused():
+    node = helper.make_node("Resize", ["X", "", "scales"], ["Y"], name="aa", mode="nearest", antialias=1)
     text = _refusal(node, [1, 1, 4, 4], _init("scales", [1, 1, 0.5, 0.5]), [1, 1, 2, 2], 18)
-    assert text == ("node 'aa' (Resize, opset 18): antialias=1 is not supported (onnxruntime's antialiasing filter "
-                    "is not reproduced); supported: antialias=0 with modes nearest, linear and cubic")
+    assert text == ("node 'aa' (Resize, opset 18): antialias=1 with mode 'nearest' is not defined (onnxruntime "
+                    "refuses it); supported: antialias=1 with modes linear and cubic")
 
 
 def test_runtime_scales_are_refused():

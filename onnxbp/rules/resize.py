@@ -28,10 +28,11 @@ tensors a scatter formulation would build at run time.
 What must be known at build time: the mode attributes, the ``scales`` or
 ``sizes`` input as a constant (or, for ``sizes`` computed at run time, the
 output dims from shape inference) and ``roi`` for tf_crop_and_resize, and the
-input sizes of the axes that are resized.  Refused with a one-line error:
-``antialias=1`` (onnxruntime's antialiasing filter is not reproduced), runtime
-``scales``, runtime ``roi``, and a resized axis whose input size is not
-static.  roi, scales and sizes get no gradient.
+input sizes of the axes that are resized.  ``antialias=1`` (opset 18+, linear
+and cubic) is the same linear map with wider, normalised filters
+(``resize_arith.antialias_axis_matrix``, onnxruntime's Pillow-style kernel).
+Refused with a one-line error: runtime ``scales``, runtime ``roi``, and a
+resized axis whose input size is not static.  roi, scales and sizes get no gradient.
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ class _Resize:
         self.policy = g.attr("keep_aspect_ratio_policy", "stretch") if opset >= 18 else "stretch"
         if self.policy not in ra.POLICIES:
             g.fail(f"keep_aspect_ratio_policy={self.policy!r} is unknown; supported: {', '.join(ra.POLICIES)}")
-        if opset >= 18 and int(g.attr("antialias", 0)) and self.mode != "nearest":
-            g.fail("antialias=1 is not supported (onnxruntime's antialiasing filter is not reproduced); "
-                   "supported: antialias=0 with modes nearest, linear and cubic")
+        self.antialias = opset >= 18 and bool(int(g.attr("antialias", 0)))
+        if self.antialias and self.mode == "nearest":
+            g.fail("antialias=1 with mode 'nearest' is not defined (onnxruntime refuses it); "
+                   "supported: antialias=1 with modes linear and cubic")
         axes = g.attr("axes") if opset >= 18 else None
         if axes is not None:
             axes = [int(a) for a in axes]
@@ -207,6 +209,13 @@ class _Resize:
             if ra.scale_is_one(self.scales[k]) and not (self.mode == "nearest" and self.rank == 1):
                 continue
             n_in = self._static(k, "that axis is resized")
+            if self.antialias:
+                A = ra.antialias_axis_matrix(n_in, int(self.out_dims[k]), self.scales[k], mode=self.mode,
+                                             coord=self.coord, cubic_a=self.cubic_a, exclude_outside=self.exclude,
+                                             roi=self.roi[k])
+                if not ra.is_identity(A):
+                    out[k] = A
+                continue
             A = ra.axis_matrix(n_in, int(self.out_dims[k]), self.scales[k], mode=self.mode, coord=self.coord,
                                nearest_mode=self.nearest, cubic_a=self.cubic_a, exclude_outside=self.exclude,
                                roi=self.roi[k], rank1=self.rank == 1)

@@ -221,6 +221,92 @@ def axis_matrix(n_in: int, n_out: int, scale: float, *, mode: str = "nearest", c
     return A
 
 
+#: the filter's support (width in input pixels at scale 1) of onnxruntime's antialias kernels
+AA_SUPPORT = {"linear": 2.0, "cubic": 4.0}
+
+
+def _aa_filter(mode: str, x, a):
+    """Pillow's triangle / Keys cubic filter at ``x`` (float32), as onnxruntime's antialias kernels."""
+    x = abs(_F(x))
+    one = _F(1)
+    if mode == "linear":
+        return one - x if x < one else _F(0)
+    if x < one:
+        return ((a + _F(2)) * x - (a + _F(3))) * x * x + one
+    if x < _F(2):
+        return (((x - _F(5)) * x + _F(8)) * x - _F(4)) * a
+    return _F(0)
+
+
+def antialias_axis_matrix(n_in: int, n_out: int, scale: float, *, mode: str = "linear", coord: str = "half_pixel",
+                          cubic_a: float = -0.75, exclude_outside: int = 0, roi: tuple = (0.0, 1.0)) -> np.ndarray:
+    """``A`` (n_out x n_in, float64) of one axis of Resize with ``antialias=1`` (modes linear, cubic).
+
+    onnxruntime's antialias kernels (``upsample_antialias.h``, after Pillow's
+    ``Resample.c``): output ``i`` is centred at ``c = 0.5 + x_original(i)``;
+    when downscaling (``1/scale >= 1``) the filter is stretched by ``1/scale``
+    (support ``s/2 * 1/scale``, argument ``* scale``), otherwise it is the
+    plain filter (support ``s/2``); ``s`` is 2 (triangle) or 4 (cubic).  The
+    window is ``floor(c - support + 0.5) .. floor(c + support + 0.5)``
+    (at most ``2 ceil(support) + 1`` taps); weights are normalised to sum 1.
+    Taps outside ``[0, n_in)`` are dropped (``exclude_outside=1``) or folded
+    onto the edge pixel.  An axis whose size does not change is copied;
+    ``tf_crop_and_resize`` rows whose centre is outside ``[0, n_in-1]`` get
+    the extrapolation value (zero rows).  All in float32, as the kernel.
+    """
+    if mode not in AA_SUPPORT:
+        raise ValueError(f"antialias mode {mode!r}")
+    A = np.zeros((n_out, n_in), dtype=np.float64)
+    if n_out == 0 or n_in == 0:
+        return A
+    a = _F(cubic_a)
+    inv_rscale = _F(1) / _F(scale)  # onnxruntime's "scale"
+    half_support = _F(AA_SUPPORT[mode]) * _F(0.5)
+    support = half_support * inv_rscale if inv_rscale >= _F(1) else half_support
+    window = int(math.ceil(float(support))) * 2 + 1
+    arg_scale = _F(1) / inv_rscale if inv_rscale >= _F(1) else _F(1)
+    if inv_rscale == _F(1):
+        coords = np.arange(n_out, dtype=_F)
+    else:
+        coords = original_coords(n_in, n_out, scale, coord, roi)
+    centers = (_F(0.5) + coords).astype(_F)
+    crop = coord == "tf_crop_and_resize"
+    for i, center in enumerate(centers):
+        if crop and (center - _F(0.5) < 0 or center - _F(0.5) > _F(n_in - 1)):
+            continue  # extrapolation_value: a constant
+        if n_out == n_in:
+            A[i, i] = 1.0  # the kernel copies an axis whose size does not change
+            continue
+        xmin_real = int(math.floor(float(center - support + _F(0.5))))
+        xmax_real = int(math.floor(float(center + support + _F(0.5))))
+        xmax_real = xmin_real + min(max(xmax_real - xmin_real, 0), window)
+        xmin_cut, xmax_cut = min(max(xmin_real, 0), n_in), min(max(xmax_real, 0), n_in)
+        xmin, xmax = (xmin_cut, xmax_cut) if exclude_outside else (xmin_real, xmax_real)
+        span = xmax - xmin
+        buf = [_F(0)] * max(window, span)
+        total = _F(0)
+        for x in range(span):
+            w = _aa_filter(mode, (_F(x + xmin) - center + _F(0.5)) * arg_scale, a)
+            buf[x] = w
+            total = _F(total + w)
+        if not exclude_outside and xmin_cut < xmax_cut:
+            neg = min(max(-xmin, 0), span - 1)
+            for x in range(neg):
+                buf[neg] = _F(buf[neg] + buf[x])
+            bound = min(max(span + xmin - n_in, 0), span - 1)
+            for x in range(span - bound, span):
+                buf[span - bound - 1] = _F(buf[span - bound - 1] + buf[x])
+            if neg or bound:
+                for x in range(xmax_cut - xmin_cut):
+                    buf[x] = buf[x + neg]
+        inv = _F(1) if total == _F(0) else _F(1) / total
+        for x in range(xmax_cut - xmin_cut):
+            A[i, xmin_cut + x] = float(_F(buf[x] * inv))
+    if n_out == n_in and not crop:
+        return np.eye(n_in)
+    return A
+
+
 def is_identity(A: np.ndarray) -> bool:
     return A.shape[0] == A.shape[1] and np.array_equal(A, np.eye(A.shape[0]))
 
