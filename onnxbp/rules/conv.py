@@ -176,18 +176,17 @@ class _Conv:
         self.out = [ca.conv_out_size(*a) for a in self._axes()]
         if any(o < 1 for o in self.out):
             g.fail(f"kernel {self.k} (dilations {self.d}) is larger than the padded input {self.n}")
-        # Channel counts: from W when static, else from Y / X.  The input channels may be a runtime
-        # dim for a group-1 conv (``self.c``/``self.cg`` None): the weight-gradient Conv of the
-        # "transpose" and "seed" dW forms (:func:`swapped_conv`) contracts over the batch, so its
-        # kernel's channel axis is the batch; its own gradient (a second derivative, an HVP) must not
-        # need it static.  Every Reshape then leaves that axis to -1 and "patches" is not used.
+        # Channel counts: from W when static, else from Y / X.  The input channels per group may be
+        # a runtime dim (``self.c``/``self.cg`` None): the weight-gradient Conv of the "transpose" and
+        # "seed" dW forms (:func:`swapped_conv`) contracts over the batch, so its kernel's channel
+        # axis is the batch (per group: a depthwise conv's dW Conv has group C and kernel (C, N, ..));
+        # its own gradient (a second derivative, an HVP) must not need it static.  Every Reshape then
+        # leaves that axis to -1 (or 0), "patches" is not used, and grouped dW takes "transpose".
         ws, ys, xsh = g.shape(w) or (None,) * rank, g.shape(g.output(0)) or (None,) * rank, xs
         m = ws[0] if isinstance(ws[0], int) else ys[1]
         if not isinstance(m, int):
             m = g.static_shape(w, axes=[0])[0]
         cg = ws[1] if isinstance(ws[1], int) else (xsh[1] // self.group if isinstance(xsh[1], int) else None)
-        if not isinstance(cg, int) and self.group != 1:
-            cg = g.static_shape(w, axes=[1])[1]
         self.m, self.cg = int(m), (int(cg) if isinstance(cg, int) else None)
         if self.m % self.group:
             g.fail(f"group={self.group} does not divide the {self.m} output channels")
@@ -296,11 +295,11 @@ def _bpa_seed(g, zp, cv: _Conv):
     if cv.group == 1:
         wt = g.transpose(w, [1, 0] + sp)
     elif cv.mg == 1 or cv.cg == 1:  # swapping a size-1 axis is a reshape
-        wt = g.op("Reshape", w, g.ints([cv.c, cv.mg] + cv.k))
+        wt = g.op("Reshape", w, g.ints([-1, cv.mg] + cv.k))  # (C, Mg, k); C may be a runtime dim
     else:
-        wt = g.op("Reshape", w, g.ints([cv.group, cv.mg, cv.cg] + cv.k))
+        wt = g.op("Reshape", w, g.ints([cv.group, cv.mg, -1] + cv.k))
         wt = g.transpose(wt, [0, 2, 1] + [a + 1 for a in sp])
-        wt = g.op("Reshape", wt, g.ints([cv.c, cv.mg] + cv.k))
+        wt = g.op("Reshape", wt, g.ints([-1, cv.mg] + cv.k))
     return g.op("Conv", zp, wt, group=cv.group, dilations=cv.d)
 
 
@@ -310,13 +309,18 @@ def swap_batch_channels(g, t, group: int, per_group: int, sizes, group_major: bo
     ``group_major=False`` gives (per_group, group*N, sizes...), the data of a
     grouped Conv whose batch is ``per_group``; ``group_major=True`` gives
     (group*per_group, N, sizes...), its kernel.  Group 1: Transpose(1, 0).
+    ``per_group`` None (a runtime dim): ``group_major=False`` only.
     """
     sp = list(range(2, 2 + len(sizes)))
     if group == 1:
         return g.transpose(t, [1, 0] + sp)
-    t = g.op("Reshape", t, g.ints([0, group, per_group] + list(sizes)))
+    if per_group is None and group_major:
+        g.fail(f"internal: a grouped kernel swap needs the channels per group static (group={group})")
+    t = g.op("Reshape", t, g.ints([0, group, -1 if per_group is None else per_group] + list(sizes)))
     t = g.transpose(t, ([1, 2, 0] if group_major else [2, 1, 0]) + [a + 1 for a in sp])
-    return g.op("Reshape", t, g.ints([group * per_group if group_major else per_group, -1] + list(sizes)))
+    # (per_group, group, N, ..) -> (per_group, group*N, ..): 0 copies per_group (static or not)
+    return g.op("Reshape", t, g.ints([group * per_group, -1] + list(sizes)) if group_major
+                else g.ints([0, -1] + list(sizes)))
 
 
 def swapped_conv(g, data, kern, group: int, data_pg: int, kern_pg: int, data_sizes, kern_sizes, **attrs):
@@ -356,7 +360,7 @@ def _bpw_seed(g, x, zp, cv: _Conv):
         if cv.mg > 1:
             dw = g.op("Reshape", dw, g.ints([cv.mg, gr, cv.cg] + cv.k))
             dw = g.transpose(dw, [1, 0, 2] + [a + 1 for a in sp])  # (g, Mg, Cg, k)
-        dw = g.op("Reshape", dw, g.ints([cv.m, cv.cg] + cv.k))
+        dw = g.op("Reshape", dw, g.ints([cv.m, -1 if cv.cg is None else cv.cg] + cv.k))
     return _rotate(g, dw, cv)
 
 
@@ -465,6 +469,8 @@ def conv_grad(g):
         if cv.c is None:  # runtime input channels: "patches" reshapes need them (see _Conv)
             bpa = "seed" if bpa == "patches" else bpa
             bpw = "transpose" if bpw == "patches" else bpw
+            if cv.group > 1 and bpw == "seed":  # X as a grouped kernel: (C, N, n) needs C
+                bpw = "transpose"
         zp = None
         if (want[0] and bpa == "seed") or (want[1] and bpw == "seed"):
             zp = _dilate_and_pad(g, dy, cv)
