@@ -496,18 +496,41 @@ def test_group_norm_refusals():
         onnxbp.gradient(_gn_model(21, 2))
 
 
-def test_attention_refusals():
+def _attention_model(node, with_past=True, outputs=("Y", "PK", "PV", "QK")):
     q = ("Q", np.float32, [1, 2, 3, 4])
-    kv = [("K", np.float32, [1, 2, 5, 4]), ("V", np.float32, [1, 2, 5, 4])]
-    past = [("pk", np.float32, [1, 2, 2, 4]), ("pv", np.float32, [1, 2, 2, 4])]
-    node = helper.make_node("Attention", ["Q", "K", "V", "", "pk", "pv"], ["Y", "PK", "PV"])
-    m = make_model([node], [q] + kv + past, [("Y", np.float32, [1, 2, 3, 4]), ("PK", np.float32, [1, 2, 7, 4]),
-                                              ("PV", np.float32, [1, 2, 7, 4])], opset=23)
-    with pytest.raises(onnxbp.UnsupportedAttributeError,
-                       match=r"\(Attention, opset 23\): past_key/past_value \(a KV cache\) are not supported"):
-        onnxbp.gradient(m, ["Q"])
+    kv = [("K", np.float32, [1, 2, 4, 4]), ("V", np.float32, [1, 2, 4, 4])]
+    past = [("pk", np.float32, [1, 2, 2, 4]), ("pv", np.float32, [1, 2, 2, 4])] if with_past else []
+    n_keys = 6 if with_past else 4
+    shapes = {"Y": [1, 2, 3, 4], "PK": [1, 2, n_keys, 4], "PV": [1, 2, n_keys, 4], "QK": [1, 2, 3, n_keys]}
+    return make_model([node], [q] + kv + past, [(o, np.float32, shapes[o]) for o in outputs], opset=23)
+
+
+def test_attention_qk_mode2_causal_float32():
+    """Mode 2 with is_causal: onnxruntime writes -FLT_MAX at the causal positions (a constant: no
+    gradient there); the float64 reference writes -inf, so this case runs its differences in float32."""
+    node = helper.make_node("Attention", ["Q", "K", "V", "", "pk", "pv"], ["Y", "PK", "PV", "QK"],
+                            is_causal=1, softcap=2.0, qk_matmul_output_mode=2)
+    assert_fd(_attention_model(node), ["Q", "K", "V", "pk", "pv"], precision="float32", rtol=2e-3)
+
+
+def test_attention_present_without_cache():
+    """No past: present_key is K itself, so K' = (attention's K') + present_key'."""
     node = helper.make_node("Attention", ["Q", "K", "V"], ["Y", "PK"])
-    m = make_model([node], [q] + kv, [("Y", np.float32, [1, 2, 3, 4]), ("PK", np.float32, [1, 2, 5, 4])], opset=23)
-    with pytest.raises(onnxbp.UnsupportedAttributeError,
-                       match=r"output 1 \(present_key\) is differentiated; only output 0 \(Y\) is supported"):
-        onnxbp.gradient(m, ["K"])
+    assert_fd(_attention_model(node, with_past=False, outputs=("Y", "PK")), ["Q", "K", "V"])
+
+
+def test_attention_refusals():
+    node = helper.make_node("Attention", ["Q", "K", "V", "", "pk", "pv"], ["Y", "PK", "PV"], name="att")
+    m = _attention_model(node, outputs=("PK", "PV"))
+    with pytest.raises(onnxbp.UnsupportedAttributeError) as exc:
+        onnxbp.gradient(m, ["Q", "K"])
+    assert str(exc.value) == (
+        "node 'att' (Attention, opset 23): only present_key/present_value carry a gradient, and they do not "
+        "depend on Q or attn_mask: their gradient is structurally zero; leave them out of wrt")
+    node = helper.make_node("Attention", ["Q", "K", "V", "", "pk"], ["Y"], name="half")
+    m = make_model([node], [("Q", np.float32, [1, 2, 3, 4]), ("K", np.float32, [1, 2, 4, 4]),
+                            ("V", np.float32, [1, 2, 4, 4]), ("pk", np.float32, [1, 2, 2, 4])],
+                   [("Y", np.float32, [1, 2, 3, 4])], opset=23, check=False)
+    with pytest.raises(onnxbp.UnsupportedAttributeError) as exc:
+        onnxbp.gradient(m, ["Q"])
+    assert str(exc.value) == "node 'half' (Attention, opset 23): past_key and past_value must be given together"
