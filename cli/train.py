@@ -63,6 +63,12 @@ def add_parser(subparsers) -> None:
                    help="data-parallel training on MPI, started as `mpirun -n N onnxbp train ... --distributed` "
                         "(needs onnxbp[mpi]); --batch-size is the global batch, split across the ranks; rank 0 "
                         "prints and writes (docs/distributed.md)")
+    p.add_argument("--step-model", default=None, metavar="PATH",
+                   help="also write the training-step graph (forward, loss, backward, optimizer) here before "
+                        "training, e.g. with --target portable to run it in another runtime")
+    from .main import _add_option_flags
+
+    _add_option_flags(p)  # --target, --conv-strategy: the rules' options, as for `onnxbp grad`
     p.set_defaults(func=run)
 
 
@@ -109,8 +115,11 @@ def _note_mpi_launch() -> None:
 
 
 def _run(args, comm) -> int:
+    import onnxbp
     from onnxbp.errors import OutputPathError
     from onnxbp.training import Trainer, TrainingError, make_optimizer
+
+    from .main import _options
     from onnxbp.training.checkpoint import checkpoint_path
     from onnxbp.training.data import n_samples
     from onnxbp.training.loop import fit
@@ -122,7 +131,8 @@ def _run(args, comm) -> int:
     if args.output is None:
         args.output = f"{Path(args.model).stem}_trained.onnx"
     # Every path is checked before the first step, not after the training it would throw away.
-    for path, what in ((args.output, "output"), (args.metrics, "--metrics"), (args.plot, "--plot")):
+    for path, what in ((args.output, "output"), (args.metrics, "--metrics"), (args.plot, "--plot"),
+                       (args.step_model, "--step-model")):
         if path:
             _check_output(Path(path), what, Path(args.model))
     if args.checkpoint and Path(args.checkpoint).exists() and not Path(args.checkpoint).is_dir():
@@ -150,7 +160,10 @@ def _run(args, comm) -> int:
         raise TrainingError("--warmup must be >= 0")
     trainer = Trainer(args.model, loss=args.loss, optimizer=optimizer, requires_grad=args.requires_grad,
                       frozen_params=args.freeze, threads=threads, seed=args.seed, comm=comm,
-                      clip_grad_norm=args.clip_grad_norm)
+                      clip_grad_norm=args.clip_grad_norm, **_options(args))
+    if args.step_model and lead:
+        onnxbp.save_model_atomic(trainer.step_model.model, args.step_model, source=args.model)
+        say(f"wrote the training-step model to {args.step_model}", flush=True)
     data = trainer.load_data(args.data)
     ranks = "" if comm is None else f", {comm.Get_size()} ranks x {threads} threads"
     say(f"training {args.model}: {len(trainer.spec.params)} parameter tensors "

@@ -187,3 +187,36 @@ def test_wheel_holds_the_cli_the_data_and_only_runtime_dependencies(tmp_path):
                      if line.startswith("Requires-Dist:") and "extra ==" not in line)
     assert [r.split(">")[0].split("=")[0] for r in runtime] == ["numpy", "onnx", "onnxruntime", "protobuf"]
     assert "onnxbp = cli.main:main" in entry
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "portable"])
+def test_train_target_and_step_model(tmp_path, capsys, target):
+    """`onnxbp train --target T --step-model PATH` writes the step graph it trains with: under portable the
+    loss is plain ops and no Conv takes a computed (runtime-shaped) kernel."""
+    lenet = str(ROOT / "models" / "lenet.onnx")
+    step, out = tmp_path / "step.onnx", tmp_path / "t.onnx"
+    assert main(["train", lenet, "--data", "digits", "--epochs", "1", "--no-progress", "--target", target,
+                 "--step-model", str(step), "-o", str(out)]) == 0
+    assert f"wrote the training-step model to {step}" in capsys.readouterr().out
+    m = onnx.load(str(step))
+    onnx.checker.check_model(m, full_check=True)
+    ops = [n.op_type for n in m.graph.node]
+    assert ("SoftmaxCrossEntropyLoss" in ops) == (target == "onnxruntime")
+    inferred = onnx.shape_inference.infer_shapes(m)
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param
+                     for d in v.type.tensor_type.shape.dim]
+            for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    runtime_kernels = [n.input[1] for n in m.graph.node
+                       if n.op_type == "Conv" and not all(isinstance(d, int) and d > 0 for d in dims[n.input[1]])]
+    assert (not runtime_kernels) == (target == "portable"), runtime_kernels
+    assert out.exists()
+
+
+def test_train_step_model_path_is_checked_first(tmp_path, capsys):
+    lenet = str(ROOT / "models" / "lenet.onnx")
+    bad = tmp_path / "missing" / "step.onnx"
+    assert main(["train", lenet, "--data", "digits", "--epochs", "1", "--no-progress", "--step-model", str(bad),
+                 "-o", str(tmp_path / "t.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"onnxbp: error: --step-model directory '{bad.parent}' does not exist"
+    assert not (tmp_path / "t.onnx").exists()
