@@ -53,9 +53,8 @@ def profile_onnxbp(case, opt, lr, threads, steps) -> dict:
 
     side = bench_peers.OnnxbpSide(case.model, case.requires_grad, case.xs, case.ys, opt, lr, threads)
     tr = side.trainer
-    tr.session = cpu_session(tr.step_model.model, threads, mem_pattern=False,
-                             profile_prefix=str(Path(tempfile.mkdtemp()) / "ort"))
-    tr._binding = tr.session.io_binding()
+    tr.set_session(cpu_session(tr.step_model.model, threads, mem_pattern=False,
+                               profile_prefix=str(Path(tempfile.mkdtemp()) / "ort")))
     for i in range(2):
         side.step(i)          # warm-up (not separable from the profile: dropped below by run index)
     for i in range(steps):

@@ -119,8 +119,33 @@ class Trainer:
             self._b[name] = (self._a[name] if name in self.in_place
                              else ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), arr.dtype))
         self._loss_value = ort.OrtValue.ortvalue_from_shape_and_type([], np.float32)
-        self._binding = self.session.io_binding() if comm is None else None
+        self._lr_value = ort.OrtValue.ortvalue_from_shape_and_type([], np.float32)
+        self._step_value = ort.OrtValue.ortvalue_from_shape_and_type([], np.int64)
+        # Two bindings made once, A -> B and B -> A: a step binds only its batch (lr and the step count
+        # are written into their bound values), not every carried tensor again.
+        self._sets = (self._a, self._b)
+        self._bindings = ()
+        if comm is None:
+            self.set_session(self.session)
         self._eval_binding = self.eval_session.io_binding()
+
+    def set_session(self, session) -> None:
+        """Run the steps with ``session`` (an onnxruntime session of ``step_model.model``, e.g. one
+        that profiles); the carried tensors stay where they are."""
+        self.session = session
+        a, b = self._sets
+        self._bindings = (self._bind_carried(a, b), self._bind_carried(b, a))
+
+    def _bind_carried(self, src: dict, dst: dict):
+        b = self.session.io_binding()
+        for name, out in self.spec.updates.items():
+            b.bind_ortvalue_input(name, src[name])
+            b.bind_ortvalue_output(out, dst[name])
+        b.bind_ortvalue_output(self.spec.loss, self._loss_value)
+        b.bind_ortvalue_input(self.spec.lr, self._lr_value)
+        if self.spec.step:
+            b.bind_ortvalue_input(self.spec.step, self._step_value)
+        return b
 
     @staticmethod
     def _build_split(model: ModelLike, comm, seed: Optional[int], options: dict):
@@ -267,20 +292,14 @@ class Trainer:
             self._a, self._b = self._b, self._a
             self.step_count += 1
             return float(loss)
-        b = self._binding
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
-        for name, arr in feeds.items():
+        b = self._bindings[0 if self._a is self._sets[0] else 1]
+        for name, arr in feeds.items():  # rebinding a name replaces its previous array
             b.bind_cpu_input(name, arr)
         if self.spec.target:
             b.bind_cpu_input(self.spec.target, y)
-        b.bind_cpu_input(self.spec.lr, np.asarray(lr, dtype=np.float32))
+        self._lr_value.update_inplace(np.asarray(lr, dtype=np.float32))
         if self.spec.step:
-            b.bind_cpu_input(self.spec.step, np.asarray(self.step_count + 1, dtype=np.int64))
-        for name, out in self.spec.updates.items():
-            b.bind_ortvalue_input(name, self._a[name])
-            b.bind_ortvalue_output(out, self._b[name])
-        b.bind_ortvalue_output(self.spec.loss, self._loss_value)
+            self._step_value.update_inplace(np.asarray(self.step_count + 1, dtype=np.int64))
         self._run(self.session, b, x, y)
         self._a, self._b = self._b, self._a
         self.step_count += 1
