@@ -8,6 +8,10 @@ number of layers gives about ``--gib`` GiB of weights.  ``--external`` writes th
 protobuf file (below 2 GB only).  Nothing it writes is committed.  Measure a gradient build with
 
     /usr/bin/time -v onnxbp grad OUT.onnx -o OUT_grad.onnx     # "Maximum resident set size"
+
+and a Trainer (build and two SGD steps, batch 4) with
+
+    python benchmarks/big_model.py OUT.onnx --gib 1 --external --train   # prints RSS after build / steps
 """
 
 from __future__ import annotations
@@ -68,8 +72,46 @@ def main() -> None:
     p.add_argument("--gib", type=float, default=2.5, help="GiB of weights (default 2.5)")
     p.add_argument("--dim", type=int, default=8192, help="layer width (default 8192: 256 MiB a layer)")
     p.add_argument("--external", action="store_true", help="weights in OUT.data (required over 2 GB)")
+    p.add_argument("--train", action="store_true", help="then build a Trainer on it and run two SGD steps, "
+                                                        "printing the resident set size (in a fresh process)")
     args = p.parse_args()
     build(args.out, args.gib, args.dim, args.external)
+    if args.train:  # in a fresh process, so the build's own memory is not counted
+        import subprocess
+        import sys
+
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                        f"import big_model; big_model.train_rss(big_model.Path({str(args.out)!r}), {args.dim})"],
+                       check=True)
+
+
+def _rss_gib() -> tuple:
+    """(current, peak) resident set size in GiB, from /proc/self/status."""
+    got = {}
+    for line in open("/proc/self/status"):
+        if line.startswith(("VmRSS", "VmHWM")):
+            got[line.split(":")[0]] = int(line.split()[1]) / 2**20
+    return got["VmRSS"], got["VmHWM"]
+
+
+def train_rss(path: Path, dim: int) -> None:
+    import time
+
+    from onnxbp.training import SGD, Trainer
+
+    weights = os.path.getsize(path.with_name(path.name + ".data")) if path.with_name(path.name + ".data").exists() \
+        else os.path.getsize(path)
+    t = time.perf_counter()
+    tr = Trainer(str(path), optimizer=SGD(momentum=0.0), threads=2)
+    now, peak = _rss_gib()
+    print(f"Trainer built in {time.perf_counter() - t:.1f} s: RSS {now:.2f} GiB, peak {peak:.2f} GiB "
+          f"({weights / 2**30:.2f} GiB of weights)")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, dim)).astype(np.float32), np.arange(4)
+    for _ in range(2):
+        tr.train_step(x, y, 1e-3)
+    now, peak = _rss_gib()
+    print(f"after 2 steps: RSS {now:.2f} GiB, peak {peak:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def _run(args, comm) -> int:
     data = trainer.load_data(args.data)
     ranks = "" if comm is None else f", {comm.Get_size()} ranks x {threads} threads"
     say(f"training {args.model}: {len(trainer.spec.params)} parameter tensors "
-          f"({sum(int(trainer.step_model.initial[p].size) for p in trainer.spec.params)} values), "
+          f"({trainer.num_parameters()} values), "
           f"{len(data)} train / {n_samples(data.x_test)} test samples, {args.optimizer} lr {args.lr:g}, "
           f"batch {args.batch_size}{ranks}", flush=True)
     progress = _Progress(sys.stderr, lead and not args.no_progress and sys.stderr.isatty())  # no \r frames in log files

@@ -53,7 +53,7 @@ from onnx import TensorProto, numpy_helper
 from .. import metadata, shapeinfo
 from ..engine import backward
 from ..errors import OnnxbpError
-from ..modelio import ModelLike, check_full, convert_opset, load_model
+from ..modelio import ModelLike, check_full, compact, convert_opset, load_model
 from ..optimize import eliminate_common_subexpressions
 from ..portable import expand_for_portability
 from ..types import FLOAT_TYPES, TensorInfo, default_opset, np_dtype, value_info_dims
@@ -106,7 +106,8 @@ class StepSpec:
 class StepModel:
     model: onnx.ModelProto
     spec: StepSpec
-    initial: dict                    # carried input name -> initial numpy value
+    initial: dict                    # carried input name -> initial numpy value (a Trainer moves them into
+                                     # its buffers: its step_model.initial is empty once built)
     forward: Optional[onnx.ModelProto] = None  # the forward model as loaded and checked
 
 
@@ -221,7 +222,7 @@ def build_step_model(model: ModelLike, *, loss: str = "cross_entropy", optimizer
     metadata.put(m, META_KEY, spec.to_json())
     check_full(m, TrainingError, "the training-step model fails the ONNX checker (a bug; please report)")
     log.info("training step: %d params, %d carried tensors, %d nodes", len(b.params), len(st.updates), len(g.node))
-    return StepModel(m, spec, st.initial, b.loaded)
+    return StepModel(compact(m), spec, st.initial, b.loaded)  # compact: the weights taken out are freed
 
 
 @dataclass
@@ -327,7 +328,7 @@ def build_split_step(model: ModelLike, *, loss: str = "cross_entropy", optimizer
         check_full(part, TrainingError, f"the data-parallel {role} model fails the ONNX checker (a bug; please report)")
     log.info("split training step: %d params, gradient model %d nodes, update model %d nodes", len(b.params),
              len(g.node), len(ug.node))
-    return SplitStep(m, upd, spec, grads, moments, st.initial, b.loaded)
+    return SplitStep(compact(m), compact(upd), spec, grads, moments, st.initial, b.loaded)
 
 
 @dataclass

@@ -19,8 +19,8 @@ from onnx import numpy_helper
 
 from .. import arguments
 from ..errors import OnnxbpError
-from ..modelio import (ModelLike, check_full, convert_opset, cpu_session, first_line, load_model,
-                       save_model_atomic)
+from ..modelio import (ModelLike, check_full, convert_opset, cpu_session, first_line, initializers_as_inputs,
+                       load_model, save_model_atomic)
 from .data import (Dataset, check_shared_dims, load_dataset, n_samples, take, validate_arrays,
                    validate_dataset)
 from .errors import DataError, TrainingError
@@ -112,12 +112,16 @@ class Trainer:
         # except optimizer state that step.in_place_updates shows may be overwritten by its update.
         self.in_place = set(in_place_updates(self.step_model.model if comm is None else self.step_model.update,
                                              self.spec))
+        self._carried_types = {}  # name -> (shape, dtype)
+        initial = self.step_model.initial
         for name in self._carried:
-            arr = np.ascontiguousarray(self.step_model.initial[name])
+            arr = np.ascontiguousarray(initial.pop(name))  # the values now live in _a: not held twice
+            self._carried_types[name] = (tuple(arr.shape), arr.dtype)
             self._a[name] = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), arr.dtype)
             self._a[name].update_inplace(arr)
             self._b[name] = (self._a[name] if name in self.in_place
                              else ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), arr.dtype))
+            del arr
         self._loss_value = ort.OrtValue.ortvalue_from_shape_and_type([], np.float32)
         self._lr_value = ort.OrtValue.ortvalue_from_shape_and_type([], np.float32)
         self._step_value = ort.OrtValue.ortvalue_from_shape_and_type([], np.int64)
@@ -177,19 +181,7 @@ class Trainer:
 
         ``with_loss``: the step's loss appended, the loss the only output.
         """
-        m = onnx.ModelProto()
-        m.CopyFrom(self.forward)
-        carried = set(self.spec.updates)
-        keep, moved = [], []
-        for t in m.graph.initializer:
-            (moved if t.name in carried else keep).append(t)
-        del m.graph.initializer[:]
-        m.graph.initializer.extend(keep)
-        existing = {i.name for i in m.graph.input}
-        for t in moved:
-            if t.name in existing:
-                continue
-            m.graph.input.append(value_info(t.name, t.data_type, t.dims))
+        m = initializers_as_inputs(self.forward, set(self.spec.updates))  # the weights are not copied
         del m.graph.output[:]
         out_vi = next(o for o in self.forward.graph.output if o.name == self.spec.output)
         if not with_loss:
@@ -373,11 +365,15 @@ class Trainer:
                                 f"optimizer or set of trainable parameters)")
         for name in self._carried:
             arr = np.ascontiguousarray(tensors[name])
-            want = self.step_model.initial[name]
-            if arr.shape != want.shape:
-                raise TrainingError(f"the saved state has {name!r} with shape {arr.shape}, the model needs {want.shape}")
-            self._a[name].update_inplace(arr.astype(want.dtype))
+            shape, dtype = self._carried_types[name]
+            if arr.shape != shape:
+                raise TrainingError(f"the saved state has {name!r} with shape {arr.shape}, the model needs {shape}")
+            self._a[name].update_inplace(arr.astype(dtype))
         self.step_count = int(state.get("step", 0))
+
+    def num_parameters(self) -> int:
+        """The number of trained values (the elements of every trainable parameter tensor)."""
+        return sum(int(np.prod(self._carried_types[p][0], dtype=np.int64)) for p in self.spec.params)
 
     def parameters(self) -> dict:
         """Current values of the forward model's trained tensors (params and BN running stats)."""
