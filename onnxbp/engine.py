@@ -170,6 +170,11 @@ def gradient(model: ModelLike, wrt: Optional[Iterable[str]] = None, *, grad_suff
     g = result.model.graph
     for p, t in result.gradients.items():
         g.output.append(build.value_info(t, p, None))
+    if build._options.get("target") == "portable":  # OpenVINO bug 4 (docs/portability.md); a registry
+        # of the user's own may not declare the option
+        from .portable import separate_backward_constants
+
+        separate_backward_constants(result.model, result.forward_nodes)
     metadata.set_gradient_names(result.model, result.gradients, order=order, zeros=result.zeros)
     check_full(result.model, InternalError, "the gradient model fails the ONNX checker")
     log.info("gradient model (order %d): %d forward nodes, %d backward nodes, %d gradients%s",

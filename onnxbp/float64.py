@@ -10,6 +10,12 @@ Conv
     per kernel offset ``r`` one strided Slice of Xpad
     (:func:`conv_arith.kernel_offset_slices`) and one MatMul over the channels
     of each group, summed.  Pads by :func:`conv_arith.resolve_auto_pad`.
+ConvTranspose
+    ``Y[b, m, p*s + r*d - pb] += sum_c X[b, c, p] W[c, m, r]``: per kernel
+    offset one MatMul over each group's channels, zero-inserted at stride
+    ``s``, placed at ``r*d`` (Pad), summed, cropped by the pads
+    (:func:`conv_arith.conv_transpose_pads`).  Gradient models have it (a
+    strided Conv's dX), so a second-order check's first-order model does.
 AveragePool
     X placed in the windows' frame (:func:`pool_arith.transpose_fit`: crop the
     positions no window reads, pad zeros), the sum of one strided Slice per
@@ -236,6 +242,52 @@ def _conv(node, a, shapes, w: GraphWriter) -> str:
     return y
 
 
+def _conv_transpose(node, a, shapes, w: GraphWriter) -> str:
+    """``Y[b, m, p*s + r*d - pb] += sum_c X[b, c, p] W[c, m, r]``: per kernel offset ``r`` one MatMul
+    over the channels of each group, zero-inserted at stride ``s`` (Reshape, Pad, Reshape, Slice),
+    placed at ``r*d`` in the un-padded frame (Pad), summed, cropped by ``pads`` (Slice)."""
+    x, wt, b = node.input[0], node.input[1], _optional_input(node, 2)
+    xs, ws = shapes[x], shapes[wt]
+    n_b, c_in, n = xs[0], xs[1], list(xs[2:])
+    nsp = len(n)
+    group = int(a.get("group", 1))
+    mg, cg = ws[1], c_in // group
+    m_out = mg * group
+    k = list(a.get("kernel_shape") or ws[2:])
+    st = list(a.get("strides") or [1] * nsp)
+    dl = list(a.get("dilations") or [1] * nsp)
+    op = list(a.get("output_padding") or [0] * nsp)
+    pads = ca.conv_transpose_pads(a.get("auto_pad", "NOTSET"), n, k, st, dl, op, a.get("pads"),
+                                  a.get("output_shape"))
+    full = [ca.conv_transpose_out_size(n[i], k[i], st[i], dl[i], 0, 0, op[i]) for i in range(nsp)]
+    p_total = int(np.prod(n))
+    sp = list(range(2, 2 + nsp))
+    xr = w.transpose(w.op("Reshape", x, w.ints([n_b, group, cg, p_total])), [0, 1, 3, 2])  # (N, g, P, Cg)
+    terms = []
+    for offs, _starts, _ends in ca.kernel_offset_slices(k, st, dl, n):
+        wr = w.slice(wt, offs, [o + 1 for o in offs], sp)
+        wr = w.op("Reshape", wr, w.ints([group, cg, mg]))  # (g, Cg, Mg)
+        t = w.transpose(w.op("MatMul", xr, wr), [0, 1, 3, 2])  # (N, g, Mg, P)
+        if any(s_ > 1 for s_ in st):  # zero insertion: (.., n_i, 1, ..) padded to (.., n_i, s_i, ..)
+            t = w.op("Reshape", t, w.ints([n_b, m_out] + [v for ni in n for v in (ni, 1)]))
+            zp = [0] * (2 * (2 + 2 * nsp))
+            for i in range(nsp):
+                zp[2 + 2 * nsp + 3 + 2 * i] = st[i] - 1
+            t = w.op("Reshape", w.op("Pad", t, w.ints(zp)), w.ints([n_b, m_out] + [ni * si for ni, si in zip(n, st)]))
+            t = w.slice(t, [0] * nsp, [si * (ni - 1) + 1 for ni, si in zip(n, st)], sp)
+        else:
+            t = w.op("Reshape", t, w.ints([n_b, m_out] + n))
+        before = [o * d for o, d in zip(offs, dl)]
+        after = [f - bb - (si * (ni - 1) + 1) for f, bb, si, ni in zip(full, before, st, n)]
+        terms.append(w.op("Pad", t, w.ints([0, 0] + before + [0, 0] + after)) if any(before + after) else t)
+    y = w.add_n(terms)  # (N, M, full...)
+    if any(pads):
+        y = w.slice(y, list(pads[:nsp]), [f - e for f, e in zip(full, pads[nsp:])], sp)
+    if b is not None:
+        y = w.op("Add", y, w.op("Reshape", b, w.ints([1, m_out] + [1] * nsp)))
+    return y
+
+
 def _avgpool(node, a, shapes, w: GraphWriter) -> str:
     x = node.input[0]
     n = list(shapes[x][2:])
@@ -314,6 +366,7 @@ def _lrn(node, a, shapes, w: GraphWriter) -> str:
 #: writes the replacement and returns the tensor that stands for the node's output.
 REWRITES = {
     "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
     "AveragePool": _avgpool,
     "GlobalAveragePool": _global_avgpool,
     "HardSigmoid": _hardsigmoid,

@@ -294,6 +294,18 @@ def compact(model: onnx.ModelProto) -> onnx.ModelProto:
     return initializers_as_inputs(model, ())
 
 
+def serialized_parts(model: onnx.ModelProto):
+    """Deterministic bytes of ``model`` in pieces: the model without its initializers, then each
+    initializer (for hashing a model of any size without holding its whole encoding)."""
+    head = onnx.ModelProto()
+    _copy_fields(model, head, skip="graph")
+    _copy_fields(model.graph, head.graph, skip="initializer")
+    yield head.SerializeToString(deterministic=True)
+    del head
+    for t in model.graph.initializer:
+        yield t.SerializeToString(deterministic=True)
+
+
 def _copy_fields(src, dst, skip: str) -> None:
     for field, value in src.ListFields():
         if field.name == skip:

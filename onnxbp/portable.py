@@ -23,6 +23,11 @@ BatchNormalization(X, scale, B, mean, var; training_mode=1, epsilon, momentum)::
 
 The gradient rules never see the expanded nodes: the pass runs on the
 finished model (the training step's last stage).
+
+:func:`separate_backward_constants` (run by ``onnxbp.gradient`` and the
+training steps under ``target="portable"``) gives the backward its own copy
+of a square constant that the forward reads too: OpenVINO CPU (2026.4)
+otherwise hands one reader the other's layout (docs/portability.md, bug 4).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import onnx
 
 from .errors import ShapeError, UnsupportedAttributeError
 from .shapeinfo import infer
-from .types import np_dtype
+from .types import FLOAT_TYPES, np_dtype
 from .writer import GraphWriter
 
 log = logging.getLogger(__name__)
@@ -186,3 +191,103 @@ def _expand_bn(w: GraphWriter, node: onnx.NodeProto, infos: dict) -> None:
     for out, run, batch in ((outs[1], mean, mu), (outs[2], var, v)):
         if out:
             w.op("Add", w.op("Mul", run, keep), w.op("Mul", w.op("Reshape", batch, w.ints([-1])), new), out=out)
+
+
+#: Ops whose outputs are not a function of their inputs: never treated as constants.
+_NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                               "Multinomial", "Bernoulli", "Dropout"})
+_COPY_DOC = "onnxbp portable: the backward's own copy of a forward constant (OpenVINO bug 4)"
+
+
+def _foldable(node: onnx.NodeProto) -> bool:
+    return (node.domain in ("", "ai.onnx") and node.op_type not in _NONDETERMINISTIC
+            and all(o for o in node.output)
+            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS,
+                                   onnx.AttributeProto.SPARSE_TENSOR) for a in node.attribute))
+
+
+def _may_alias_layouts(shape) -> bool:
+    """Whether a permutation of a tensor of this shape can have the same shape (two equal dims > 1), or
+    the shape is unknown: where OpenVINO bug 4 can give a reader the other reader's layout."""
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return True
+    dims = [d for d in shape if d != 1]
+    return len(dims) != len(set(dims))
+
+
+def separate_backward_constants(model: onnx.ModelProto, n_forward: int | None = None,
+                                infos: dict | None = None) -> list:
+    """Give the backward its own copy of every float constant it shares with the forward (in place).
+
+    OpenVINO CPU (2026.4) computes wrong values when a constant with two equal dimensions is read by
+    two ops in different layouts (a Gemm with transB=1 and a MatMul; a Conv and the ConvTranspose of
+    its dX), as a forward op and the backward op of its input gradient read their weight
+    (docs/portability.md, bug 4).  A constant here is an initializer that is not a graph input, or the
+    output of a forward node whose inputs are all constants (a Transpose or Constant of the export); a
+    backward node that reads one that a forward node also reads, of a shape where a permutation can
+    keep the shape (:func:`_may_alias_layouts`), reads a copy instead: the constant's cone (its
+    initializers as Constant nodes, its forward nodes re-written on them), written first in the graph.
+    Values are unchanged, so every gradient is the one verified; the model grows by the copies.
+
+    ``n_forward``: the first ``n_forward`` nodes are the forward (a gradient model); ``None``: the
+    nodes onnxbp did not write (no ``onnxbp`` doc string, a training step).  Returns the copied names.
+    """
+    g = model.graph
+    nodes = list(g.node)
+    if n_forward is None:
+        forward = [not n.doc_string.startswith("onnxbp") for n in nodes]
+    else:
+        forward = [k < n_forward for k in range(len(nodes))]
+    listed = {i.name for i in g.input}
+    inits = {t.name: t for t in g.initializer if t.name not in listed}
+    const, producer = set(inits), {}
+    for node, fwd in zip(nodes, forward):
+        if fwd and _foldable(node) and all(not i or i in const for i in node.input):
+            const.update(node.output)
+            producer.update((o, node) for o in node.output)
+    forward_reads = {i for node, fwd in zip(nodes, forward) if fwd for i in node.input}
+    if infos is None:
+        infos = infer(model)
+
+    def wanted(t: str) -> bool:
+        info = infos.get(t)
+        if t not in const or t not in forward_reads or info is None or info.elem_type not in FLOAT_TYPES:
+            return False
+        return _may_alias_layouts(info.shape)
+
+    targets = [i for node, fwd in zip(nodes, forward) if not fwd for i in node.input if i and wanted(i)]
+    if not targets:
+        return []
+    w = GraphWriter.for_model(model, "portable/copy", _COPY_DOC, infos=infos)
+    copies: dict = {}
+
+    def copy(t: str) -> str:
+        if t in copies:
+            return copies[t]
+        if t in inits:
+            # not w.const: that shares equal values, and each copy must be a tensor of its own
+            copies[t] = w.op("Constant", name=t, value=onnx.numpy_helper.from_array(
+                onnx.numpy_helper.to_array(inits[t]).copy()))
+            return copies[t]
+        node = producer[t]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        outs = w.op(node.op_type, *[copy(i) if i else "" for i in node.input], outputs=len(node.output),
+                    name=node.op_type, **attrs)
+        for o, c in zip(node.output, (outs,) if len(node.output) == 1 else outs):
+            copies[o] = c
+        return copies[t]
+
+    for t in dict.fromkeys(targets):
+        copy(t)
+    for node, fwd in zip(nodes, forward):
+        if not fwd:
+            for k, i in enumerate(node.input):
+                if i in copies and wanted(i):
+                    node.input[k] = copies[i]
+    new = w.take_nodes()
+    del g.node[:]
+    g.node.extend(new + nodes)
+    done = list(dict.fromkeys(targets))
+    log.info("target=portable: %d forward constant(s) copied for the backward (OpenVINO bug 4): %s",
+             len(done), ", ".join(done))
+    return done

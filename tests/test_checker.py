@@ -101,6 +101,37 @@ def test_float64_conv_emulation_matches_onnxruntime(case):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
+CONV_TRANSPOSE_EMULATION_CASES = [
+    # attrs, X shape, W shape (C, M/g, k...)
+    (dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]), (2, 4, 5, 5), (4, 3, 3, 3)),
+    (dict(strides=[2, 1], dilations=[1, 2], pads=[0, 1, 2, 0], group=2), (2, 4, 4, 6), (4, 3, 3, 2)),
+    (dict(), (1, 3, 4, 4), (3, 2, 2, 2)),
+    (dict(strides=[3], pads=[1, 0], group=4, output_padding=[2]), (2, 4, 7), (4, 1, 4)),  # depthwise 1d
+    (dict(strides=[2, 2], auto_pad="SAME_UPPER"), (2, 2, 5, 5), (2, 3, 3, 3)),
+    (dict(strides=[2, 2], output_shape=[10, 9]), (2, 2, 5, 5), (2, 3, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("case", CONV_TRANSPOSE_EMULATION_CASES, ids=lambda c: f"{len(c[1]) - 2}d-{sorted(c[0])}")
+def test_float64_conv_transpose_emulation_matches_onnxruntime(case):
+    """ConvTranspose (no float64 kernel in onnxruntime; a strided Conv's dX in every gradient model, so
+    in a second-order check's first-order model) rewritten as MatMuls and Pads: same numbers as ORT."""
+    attrs, xs, ws = case
+    rng = np.random.default_rng(len(xs) + len(attrs))
+    w = rng.standard_normal(ws).astype(np.float32)
+    b = rng.standard_normal(ws[1] * attrs.get("group", 1)).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["X", "W", "B"], ["Y"], name="convt", **attrs)
+    model = make_model([node], [("X", np.float32, list(xs))], [("Y", np.float32, None)], {"W": w, "B": b},
+                       check=False)
+    x = rng.standard_normal(xs).astype(np.float32)
+    ref = cpu_session(model).run(None, {"X": x})[0]
+    emulated = float64_model(model, {"X": x})
+    assert not [n_ for n_ in emulated.graph.node if n_.op_type == "ConvTranspose"]
+    got = cpu_session(emulated).run(None, {"X": x.astype(np.float64)})[0]
+    assert got.dtype == np.float64 and got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_conv_network_checks_in_float64(seed):
     """LeNet (Conv, Relu, MaxPool, Gemm): per-element float64 checks, reliable at every seed."""

@@ -182,6 +182,26 @@ def test_hash_check_names_the_differing_rank():
     assert distributed.model_options_digest(m1, {"lr": 1}) == distributed.model_options_digest(m2, {"lr": 1})
     assert distributed.model_options_digest(m1, {"lr": 1}) != distributed.model_options_digest(m1, {"lr": 2})
     assert distributed.model_options_digest(m1, {}) != distributed.model_options_digest(onnx.load(str(MLP)), {})
+    w = next(t for t in m2.graph.initializer if t.dims)  # one weight value changed
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr.flat[0] += 1e-3
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    assert distributed.model_options_digest(m1, {"lr": 1}) != distributed.model_options_digest(m2, {"lr": 1})
+
+
+@pytest.mark.slow
+def test_model_digest_of_a_model_over_2gb():
+    """The startup check hashes the model piece by piece: protobuf cannot serialize one over 2 GB."""
+    big = np.zeros((540, 1024, 1024), np.float32)  # 2.26 GB
+    m = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "w"], ["y"])], "big",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [540, 1024, 1024])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [540, 1024, 1024])],
+        [onnx.numpy_helper.from_array(big, "w")]))
+    del big
+    assert m.ByteSize() > 2**31
+    d = distributed.model_options_digest(m, {})
+    assert len(d) == 64 and d != distributed.model_options_digest(m, {"lr": 1})
 
 
 # ------------------------------------------------------------------ mpirun -n 2

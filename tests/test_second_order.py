@@ -3,13 +3,24 @@
 References: ``torch.autograd.grad(create_graph=True)`` in float64 on the same
 weights (MLP and LeNet re-implemented from the ONNX initializers; a ResNet
 basic block with eval-mode BatchNorm and a pre-norm transformer block
-(LayerNorm, MatMul attention, Softmax, GELU) exported from torch), and float64
-central differences of the first-order gradient model (``check_second_order``,
-``check_gradients``).  Each case runs with the symbolic batch ``N`` and with a
-static batch.  onnxbp's models run in float32 in onnxruntime, so the
-tolerance is normwise: ``max|ours - ref| / max|ref| <= 1e-4`` against torch
-(``gradutil.assert_close``), ``rtol 1e-3`` (the checker's per-element test)
-against finite differences.
+(LayerNorm, MatMul attention, Softmax, GELU) exported from torch; the zoo's
+ConvNeXt (depthwise 7x7 conv, LayerNorm and a written-out channels-first
+LayerNorm, Erf GELU, layer scale, stride-2 patchify convs), ViT (patch conv,
+class token Expand/Concat, multi-head attention with a Where mask, Softmax,
+Gather) and MobileNetV3 (depthwise convs, BatchNorm, HardSwish, squeeze-
+excitation with HardSigmoid, GlobalAveragePool) under the loss
+``sum(logits^2)``), and float64 central differences of the first-order
+gradient model (``check_second_order``, ``check_gradients``).  Each case runs
+with the symbolic batch ``N`` and with a static batch.  onnxbp's models run in
+float32 in onnxruntime, so the tolerance is normwise: ``max|ours - ref| /
+max|ref| <= 1e-4`` against torch (``gradutil.assert_close``), ``rtol 1e-3``
+(the checker's per-element test) against finite differences.
+
+torch has no double backward for ``hardsigmoid`` ("derivative for
+aten::hardsigmoid_backward is not implemented"): MobileNetV3's torch twin
+computes HardSigmoid as ``relu6(x + 3) / 6``, the same function (ONNX's
+HardSigmoid with alpha 1/6), on the same weights; the float64 finite
+differences of the first-order model check it independently of torch.
 """
 
 from __future__ import annotations
@@ -127,6 +138,37 @@ class _TransformerBlock(torch.nn.Module):
         return (x * x).mean()
 
 
+class _SquareLoss(torch.nn.Module):
+    """A zoo network under the loss ``sum(logits^2)`` (a scalar: export output ``loss``)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        y = self.net(x)
+        return (y * y).sum()
+
+
+class _HardSigmoid6(torch.nn.Module):
+    """``relu6(x + 3) / 6``: torch's Hardsigmoid with a double backward (its own has none)."""
+
+    def forward(self, x):
+        return F.relu6(x + 3) / 6
+
+
+def _twice_differentiable(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` (same weights) whose Hardsigmoids are :class:`_HardSigmoid6`."""
+    import copy
+
+    twin = copy.deepcopy(module)
+    for sub in list(twin.modules()):
+        for name, child in list(sub.named_children()):
+            if isinstance(child, torch.nn.Hardsigmoid):
+                setattr(sub, name, _HardSigmoid6())
+    return twin
+
+
 def _export(module: torch.nn.Module, shape, dynamic: bool) -> onnx.ModelProto:
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -171,11 +213,35 @@ def _exported(kind: str, dynamic: bool) -> _Case:
     return _Case(kind, m, loss_fn, names, "input", shape)
 
 
+#: zoo families (models.zoo) checked under sum(logits^2), batch 2
+ZOO = ("convnext", "vit", "mobilenet_v3")
+
+
+def _zoo(kind: str, dynamic: bool) -> _Case:
+    from models.zoo import build
+
+    net, shape = build(kind)
+    module = _SquareLoss(net).eval()
+    shape = (BATCH,) + tuple(shape[1:])
+    m = _export(module, shape, dynamic)
+    names = param_map(m, module)
+    assert {t for t, _ in names.values()} == {k for k, _ in module.named_parameters()}, kind
+    twin = _twice_differentiable(module).double()  # float64 reference on the exported float32 values
+    buffers = dict(twin.named_buffers())
+
+    def loss_fn(p, x):
+        return torch.func.functional_call(twin, {**buffers, **p}, (x,))
+
+    return _Case(kind, m, loss_fn, names, "input", shape)
+
+
 def make_case(kind: str, dynamic: bool) -> _Case:
+    if kind in ZOO:
+        return _zoo(kind, dynamic)
     return _bundled(kind, dynamic) if kind in ("mlp", "lenet") else _exported(kind, dynamic)
 
 
-KINDS = ["mlp", "lenet", "resnet_basic", "transformer"]
+KINDS = ["mlp", "lenet", "resnet_basic", "transformer", *ZOO]
 CASES = [(k, d) for k in KINDS for d in (True, False)]
 IDS = [f"{k}-{'symbolic' if d else 'static'}" for k, d in CASES]
 
@@ -230,10 +296,16 @@ def test_hvp_matches_torch(kind, dynamic):
 
 
 @pytest.mark.parametrize("kind,dynamic", [("mlp", True), ("lenet", True), ("lenet", False),
-                                          ("resnet_basic", True), ("transformer", True)])
+                                          ("resnet_basic", True), ("transformer", True),
+                                          ("vit", False), ("mobilenet_v3", True),
+                                          pytest.param("convnext", True, marks=pytest.mark.slow),
+                                          pytest.param("convnext", False, marks=pytest.mark.slow),
+                                          pytest.param("vit", True, marks=pytest.mark.slow),
+                                          pytest.param("mobilenet_v3", False, marks=pytest.mark.slow)])
 def test_hvp_against_finite_differences(kind, dynamic):
     """check_second_order: H v against float64 central differences of the gradient along v, every
-    element, rtol 1e-3."""
+    element, rtol 1e-3 (ConvNeXt's first-order model has ConvTranspose, run in float64 by the
+    checker's rewrite; MobileNetV3's HardSigmoid is checked here independently of torch)."""
     case = make_case(kind, dynamic)
     report = onnxbp.check_second_order(case.model, "hvp", list(case.names), loss=case.loss)
     assert report.precision == "float64"
@@ -349,6 +421,86 @@ def test_nested_gradient_default_names(path, dynamic):
     g3 = onnxbp.gradient(onnxbp.gradient(g1))  # the order keeps counting, names never collide
     assert metadata.gradient_order(g3) == 3
     assert set(metadata.gradient_names(g3).values()) == {p + "_grad3" for p in params}
+
+
+@pytest.mark.parametrize("kind,dynamic", [
+    ("vit", True),
+    pytest.param("vit", False, marks=pytest.mark.slow),
+    pytest.param("convnext", True, marks=pytest.mark.slow),   # ~40 s on 2 cores
+    pytest.param("mobilenet_v3", True, marks=pytest.mark.slow),  # ~70 s: 81 tensors, BN statistics too
+], ids=lambda v: v if isinstance(v, str) else ("symbolic" if v else "static"))
+def test_nested_gradient_of_zoo_network(kind, dynamic):
+    """gradient(gradient(m)) of a zoo network (logits, every float initializer of the first-order
+    model, BatchNorm statistics included): float64 central differences of the first-order model
+    (ConvTranspose and the rest rewritten for float64 by the checker), every element, rtol 1e-3."""
+    from models.zoo import build
+    from models.zoo.export import export
+
+    net, shape = build(kind)
+    m = export(net, shape, "torchscript", 17)
+    if not dynamic:
+        m = _static(m)
+    g1 = onnxbp.gradient(m)
+    g2 = onnxbp.gradient(g1)
+    assert metadata.gradient_order(g2) == 2
+    assert_standard(g2)
+    report = onnxbp.check_gradients(g1, grad_model=g2, batch_size=BATCH)
+    assert report.precision == "float64"
+    assert report.passed, report.table()
+
+
+def _strided_convs(dynamic: bool) -> onnx.ModelProto:
+    """A group-1 and a depthwise conv, 3x3 stride 2 pads 1 (on 8x8 and 4x4: the weight gradient's
+    swapped Conv would give 4 > 3 positions, the crop case), squared between and after: the loss
+    ``sum(y^2)``."""
+    rng = np.random.default_rng(21)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv", strides=[2, 2], pads=[1] * 4),
+             helper.make_node("Mul", ["a", "a"], ["a2"], name="sq1"),
+             helper.make_node("Conv", ["a2", "dw"], ["y"], name="dw", group=4, strides=[2, 2], pads=[1] * 4),
+             helper.make_node("Mul", ["y", "y"], ["loss"], name="sq2")]
+    batch = "N" if dynamic else BATCH
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [batch, 4, 2, 2])],
+        [numpy_helper.from_array(0.5 * rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "dw")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _pad_fed_kernels(model: onnx.ModelProto) -> list:
+    """Convs whose kernel is a Pad's output, directly or through Transposes (which onnxruntime's
+    transpose optimizer cancels in pairs): the pattern its Pad_Fusion mis-rewrites."""
+    prod = {o: n for n in model.graph.node for o in n.output}
+    bad = []
+    for n in model.graph.node:
+        if n.op_type != "Conv":
+            continue
+        t = n.input[1]
+        while t in prod and prod[t].op_type == "Transpose":
+            t = prod[t].input[0]
+        if t in prod and prod[t].op_type == "Pad":
+            bad.append(n.name)
+    return bad
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["symbolic", "static"])
+@pytest.mark.parametrize("strategy", ["auto", "transpose", "seed"])
+def test_hvp_of_strided_and_depthwise_convs(dynamic, strategy):
+    """Two regressions of the zoo's MobileNetV3 / ConvNeXt HVPs.  (1) A depthwise conv's weight
+    gradient is a Conv with group C whose kernel's channel axis is the batch: with a symbolic batch
+    its own gradient needs no static channel count.  (2) The crop of a strided conv's weight gradient
+    is on X, not on the result: a Slice of the result made the second derivative a Pad feeding a
+    Conv's kernel (through a Transpose pair), which onnxruntime 1.32's Pad_Fusion folds into the
+    Conv's pads while rewiring the data input (MobileNetV3's HVP session failed to load).  Float64
+    central differences of the first-order model, rtol 1e-3."""
+    m = _strided_convs(dynamic)
+    h = onnxbp.hvp(m, ["w", "dw"], conv_strategy=strategy)
+    assert_standard(h)
+    assert not _pad_fed_kernels(h)
+    session(h)
+    report = onnxbp.check_second_order(m, "hvp", ["w", "dw"], conv_strategy=strategy)
+    assert report.precision == "float64"
+    assert report.passed, report.table()
 
 
 def _with_unused_param():

@@ -55,8 +55,9 @@ BPW, seed 001 sections 2.1.1 / 2.2.1 / 2.3.1 / 2.4.1::
       X -> (Cg, g*N, n) by Reshape (N, g, Cg, n) -> Transpose -> Reshape, dY ->
       (M, N, out) by Reshape (N, g, Mg, out) -> Transpose -> Reshape, then
       Conv(group=g, pads=pads, strides=d, dilations=s) (2.3.1: "a dilated
-      convolution with dilate=stride and stride=d") -> (Cg, M, >=k); Slice to
-      the first k positions (conv_arith.bpw_crop) and Transpose to (M, Cg, k).
+      convolution with dilate=stride and stride=d") -> (Cg, M, k), X's end
+      cropped so that no position past k is computed (conv_arith.bpw_crop;
+      :func:`weight_grad`), and Transpose to (M, Cg, k).
       Group g of X only meets group g of dY, so depthwise (Cg=1) and channel
       multipliers (Mg>1) need nothing special.
   (b) "seed" (2.1.1.2 / 2.4.1.2, "convolution of O' and A"): with r' = k-1-r,
@@ -86,7 +87,10 @@ symbolic batch, which OpenVINO CPU and tract refuse to compile
 (docs/portability.md).  Grouped convs take (c)'s grouped variant
 (``im2col_weight_grad``): the same slices, Reshape to (g, Cg*K, N*out), one
 batched MatMul of dY (g, Mg, N*out) with their transpose.  dX keeps
-``conv_strategy`` (its kernels are W, static).
+``conv_strategy`` (its kernels are W, static), except that a grouped conv that
+is not depthwise takes dX by (b) where it would be (a): onnx's
+ReferenceEvaluator runs a grouped ConvTranspose only when it is depthwise (two
+input or output channels per group raise; docs/portability.md, bug 6).
 
 Bias (seed 002 section 3.1.2): dB = ReduceSum(dY, axes=[0, 2, ...]).
 
@@ -333,16 +337,33 @@ def swapped_conv(g, data, kern, group: int, data_pg: int, kern_pg: int, data_siz
 
 def weight_grad(g, data, kern, group: int, data_pg: int, kern_pg: int, data_sizes, kern_sizes, kernel,
                 pads, strides, dilations):
-    """A weight gradient as a channel-swapped Conv: (a, g*b, >= k) cropped to ``kernel`` and
-    transposed to (g*b, a, kernel...).  Conv's BPW(a) and ConvTranspose's W' are both this."""
+    """A weight gradient as a channel-swapped Conv: (a, g*b, k) transposed to (g*b, a, kernel...).
+    Conv's BPW(a) and ConvTranspose's W' are both this.
+
+    Where the swapped Conv would give more than ``kernel`` positions (conv_arith.bpw_crop: the
+    trailing ``rem`` rows of a strided conv that no output reads), the *data* is cropped instead of
+    the result: the end pad shrinks by ``extra * strides`` and, past it, a Slice trims the data's
+    end, so the Conv's output is exactly ``kernel``.  A Slice of the result would make the gradient
+    of this Conv's kernel (a second derivative) a Pad feeding a Conv's kernel input, which
+    onnxruntime's Pad_Fusion (1.32) folds into the Conv's pads while rewiring input 0 (the data),
+    a model onnxruntime then refuses to load; it also computed rows it threw away."""
     nsp = len(kernel)
-    r = swapped_conv(g, data, kern, group, data_pg, kern_pg, data_sizes, kern_sizes,
-                     pads=list(pads) if any(pads) else None, strides=list(strides), dilations=list(dilations))
-    full = [ca.conv_out_size(data_sizes[i], kern_sizes[i], strides[i], dilations[i], pads[i], pads[nsp + i])
+    pb, pe = list(pads[:nsp]), list(pads[nsp:])
+    full = [ca.conv_out_size(data_sizes[i], kern_sizes[i], strides[i], dilations[i], pb[i], pe[i])
             for i in range(nsp)]
-    crop = [i for i in range(nsp) if full[i] != kernel[i]]
-    if crop:
-        r = g.slice(r, [0] * len(crop), [kernel[i] for i in crop], [2 + i for i in crop])
+    sizes, crop_end = list(data_sizes), []
+    for i in range(nsp):
+        red = (full[i] - kernel[i]) * strides[i]  # padded extent to drop: exactly full - kernel rows
+        cut = max(red - pe[i], 0)
+        pe[i] = max(pe[i] - red, 0)
+        sizes[i] -= cut
+        crop_end.append(cut)
+    if any(crop_end):
+        axes = [i for i in range(nsp) if crop_end[i]]
+        data = g.slice(data, [0] * len(axes), [sizes[i] for i in axes], [2 + i for i in axes])
+    allp = pb + pe
+    r = swapped_conv(g, data, kern, group, data_pg, kern_pg, sizes, kern_sizes,
+                     pads=allp if any(allp) else None, strides=list(strides), dilations=list(dilations))
     return g.transpose(r, [1, 0] + list(range(2, 2 + nsp)))
 
 
@@ -466,6 +487,10 @@ def conv_grad(g):
                 g.fail(f"target='portable' needs the input channels of {cv.x!r} (or the shape of W "
                        f"{cv.w!r}) static for the im2col weight gradient")
             bpw = "patches"
+            if bpa == "transpose" and cv.group > 1 and not (cv.c == cv.group and cv.m == cv.c):
+                # onnx's ReferenceEvaluator computes a grouped ConvTranspose wrongly unless it is
+                # depthwise (C/g = 1, M = C): dX by the rotated-kernel Conv (docs/portability.md, bug 6)
+                bpa = "seed"
         if cv.c is None:  # runtime input channels: "patches" reshapes need them (see _Conv)
             bpa = "seed" if bpa == "patches" else bpa
             bpw = "transpose" if bpw == "patches" else bpw

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import OnnxbpError
-from ..modelio import cpu_session
+from ..modelio import cpu_session, serialized_parts
 from .errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,11 @@ def shard(indices: np.ndarray, rank: int, size: int) -> np.ndarray:
 
 def digest(*parts) -> str:
     """sha256 of bytes, strings and JSON-able values, in order."""
+    return _digest_of(parts)
+
+
+def _digest_of(parts) -> str:
+    """:func:`digest` of an iterable, consumed one part at a time."""
     h = hashlib.sha256()
     for p in parts:
         if isinstance(p, (bytes, bytearray, memoryview)):
@@ -340,5 +346,6 @@ class DataParallelStep:
 
 def model_options_digest(forward: onnx.ModelProto, options: dict) -> str:
     """What every rank must agree on before training: the forward model and the Trainer options."""
-    return digest(forward.SerializeToString(deterministic=True), options)
+    # piece by piece: no 2 GB protobuf limit, and the weights' encoding is never held whole
+    return _digest_of(itertools.chain(serialized_parts(forward), [options]))
 

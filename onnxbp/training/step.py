@@ -55,7 +55,7 @@ from ..engine import backward
 from ..errors import OnnxbpError
 from ..modelio import ModelLike, check_full, compact, convert_opset, load_model
 from ..optimize import eliminate_common_subexpressions
-from ..portable import expand_for_portability
+from ..portable import expand_for_portability, separate_backward_constants
 from ..types import FLOAT_TYPES, TensorInfo, default_opset, np_dtype, value_info_dims
 from ..writer import GraphWriter, set_attr, value_info
 from .conv_forward import lower_weight_bound_convs
@@ -219,6 +219,8 @@ def build_step_model(model: ModelLike, *, loss: str = "cross_entropy", optimizer
     if grad_options.get("target") == "portable":  # the loss and training-mode BN as plain ops
         expand_for_portability(m)
     eliminate_common_subexpressions(g)
+    if grad_options.get("target") == "portable":  # frozen weights the backward shares (OpenVINO bug 4)
+        separate_backward_constants(m)
     metadata.put(m, META_KEY, spec.to_json())
     check_full(m, TrainingError, "the training-step model fails the ONNX checker (a bug; please report)")
     log.info("training step: %d params, %d carried tensors, %d nodes", len(b.params), len(st.updates), len(g.node))
@@ -323,6 +325,8 @@ def build_split_step(model: ModelLike, *, loss: str = "cross_entropy", optimizer
         if grad_options.get("target") == "portable":  # the loss and training-mode BN as plain ops
             expand_for_portability(part)
         eliminate_common_subexpressions(part.graph)
+        if grad_options.get("target") == "portable":
+            separate_backward_constants(part)
         metadata.put(part, META_KEY, json.dumps({"role": role, "spec": spec.__dict__, "grads": grads,
                                                  "moments": moments}, sort_keys=True))
         check_full(part, TrainingError, f"the data-parallel {role} model fails the ONNX checker (a bug; please report)")
