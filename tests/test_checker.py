@@ -93,9 +93,14 @@ def test_float64_conv_emulation_matches_onnxruntime(case):
                        {"W": w, "B": b}, check=False)
     model.graph.output[0].type.tensor_type.shape.dim.add().dim_param = "N"
     x = rng.standard_normal((2, c) + tuple(n)).astype(np.float32)
+    _assert_float64_emulation(model, x, "Conv")
+
+
+def _assert_float64_emulation(model, x, op_type):
+    """float64_model rewrites every ``op_type`` node and computes onnxruntime's float32 numbers in float64."""
     ref = cpu_session(model).run(None, {"X": x})[0]
     emulated = float64_model(model, {"X": x})
-    assert not [n_ for n_ in emulated.graph.node if n_.op_type == "Conv"]
+    assert not [n for n in emulated.graph.node if n.op_type == op_type]
     got = cpu_session(emulated).run(None, {"X": x.astype(np.float64)})[0]
     assert got.dtype == np.float64 and got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
@@ -124,12 +129,7 @@ def test_float64_conv_transpose_emulation_matches_onnxruntime(case):
     model = make_model([node], [("X", np.float32, list(xs))], [("Y", np.float32, None)], {"W": w, "B": b},
                        check=False)
     x = rng.standard_normal(xs).astype(np.float32)
-    ref = cpu_session(model).run(None, {"X": x})[0]
-    emulated = float64_model(model, {"X": x})
-    assert not [n_ for n_ in emulated.graph.node if n_.op_type == "ConvTranspose"]
-    got = cpu_session(emulated).run(None, {"X": x.astype(np.float64)})[0]
-    assert got.dtype == np.float64 and got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    _assert_float64_emulation(model, x, "ConvTranspose")
 
 
 @pytest.mark.parametrize("seed", range(4))
