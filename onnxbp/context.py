@@ -213,9 +213,14 @@ class GradContext(GraphWriter):
         tshape = self.shape(target) if isinstance(target, str) else tuple(target)
         if gshape is None or tshape is None:
             unknown = src if gshape is None else target
+            if isinstance(target, str) and self.opset >= 13:
+                # nothing is known statically: the summed axes are computed from the shapes at run time
+                return self._unbroadcast_dynamic(grad, target)
             raise ShapeError(
                 f"node {self.label!r} ({self.op_type}): the rank of tensor {unknown!r} is unknown "
                 f"after shape inference; broadcasting gradients need ranks"
+                + ("" if isinstance(target, str) else " (the target is a shape, not a tensor)")
+                + (f" or opset >= 13 (model has {self.opset})" if isinstance(target, str) else "")
             )
         lead = len(gshape) - len(tshape)
         keep_axes, ambiguous = [], []
@@ -240,6 +245,25 @@ class GradContext(GraphWriter):
             out = self.op("Slice", out, self.ints([0] * rank), self.op("Shape", target),
                           self.ints(list(range(rank))))
         return out
+
+    def _unbroadcast_dynamic(self, grad: str, target: str) -> str:
+        """``grad`` summed to ``target``'s shape where a rank is unknown at build time (opset >= 13).
+
+        The target shape is padded with ones to the rank of ``grad`` (numpy broadcasting aligns the
+        trailing axes); the axes where it is 1 and ``grad``'s dim is not are summed with keepdims
+        (``ReduceSum`` with the axes as a computed input, ``noop_with_empty_axes`` where there are
+        none), and a Reshape to ``Shape(target)`` drops the leading axes.
+        """
+        shape_g = self.op("Shape", grad)
+        shape_t = self.op("Shape", target)
+        lead = self.op("Sub", self.op("Shape", shape_g), self.op("Shape", shape_t))  # (1,): rank difference
+        ones = self.op("ConstantOfShape", lead, value=numpy_helper.from_array(np.array([1], np.int64)))
+        padded = self.op("Concat", ones, shape_t, axis=0)
+        one = self.ints([1])
+        summed = self.op("And", self.op("Equal", padded, one), self.op("Not", self.op("Equal", shape_g, one)))
+        axes = self.op("Reshape", self.op("NonZero", summed), self.ints([-1]))
+        out = self.op("ReduceSum", grad, axes, keepdims=1, noop_with_empty_axes=1)
+        return self.op("Reshape", out, shape_t)
 
     def _unbroadcast_runtime(self, grad: str, target, lead: int, axes: Sequence[int]) -> str:
         """Axes whose broadcasting is only known at run time: sum iff the target's dim is 1."""

@@ -6,9 +6,16 @@ onnx's data propagation stops at some of these ops, leaving the dims after
 the Reshape unknown, although they are static except for the batch.  This
 module evaluates such small integer subgraphs on partially known values
 (ints, symbolic dim names, or unknown), writes the dims it learns for
-Reshape/Expand outputs (and GroupNormalization's, which onnx does not infer)
-back as value_info, and lets onnx infer the rest
-again.  Nothing here changes the model the user gets back.
+Reshape/Expand/Slice/Pad/(Un)Squeeze/Range/Tile/Resize/ConstantOfShape
+outputs (and GroupNormalization's, which onnx does not infer) back as
+value_info, and lets onnx infer the rest again.  The integer ops evaluated are
+those exporters write in shape subgraphs: Shape/Size/Gather/Slice/Concat,
+arithmetic with Mod (torch normalises dims as ``(d + rank) % rank``),
+Min/Max, comparisons, Where and the logic ops (TorchScript's ``expand(-1)``
+targets), Cast, Range, ConstantOfShape, a shape's ReduceProd.  A learned dim
+replaces an onnx one when it is static, or a named symbol where onnx wrote a
+fresh ``unk__N`` (a symbolic batch carried through Expand/Tile targets).
+Nothing here changes the model the user gets back.
 """
 
 from __future__ import annotations
@@ -161,6 +168,14 @@ def _fold(model: onnx.ModelProto, infos: dict) -> dict:
                 rest = iter(src.shape)
                 _learn(learned, infos, node.output[0], node.input[0],
                        [1 if k in axes else next(rest) for k in range(rank)])
+        elif node.op_type == "Squeeze" and len(node.input) > 1 and node.input[1] in vals:
+            src = infos.get(node.input[0])
+            axes = [_as_int(v) for v in np.asarray(vals[node.input[1]]).reshape(-1)]
+            if src is not None and src.shape is not None and src.shape and None not in axes:
+                rank = len(src.shape)
+                drop = {a % rank for a in axes}
+                _learn(learned, infos, node.output[0], node.input[0],
+                       [d for k, d in enumerate(src.shape) if k not in drop])
         elif node.op_type == "Pad" and len(node.input) > 1 and node.input[1] in vals:
             # F.pad's TorchScript pads are computed (ConstantOfShape, Concat, Reshape, Slice, Transpose)
             src = infos.get(node.input[0])
@@ -174,6 +189,32 @@ def _fold(model: onnx.ModelProto, infos: dict) -> dict:
             src = infos.get(node.input[0])
             if src is not None and src.shape is not None:
                 _learn(learned, infos, node.output[0], node.input[0], list(src.shape))
+        elif node.op_type == "Range" and len(node.input) == 3:
+            # torch.arange(n) of a computed n: onnx infers the length only of constant bounds
+            _learn(learned, infos, node.output[0], node.input[0], _range_dims([vals.get(i) for i in node.input]))
+        elif node.op_type == "Tile" and len(node.input) > 1 and node.input[1] in vals:
+            src = infos.get(node.input[0])
+            reps = list(np.asarray(vals[node.input[1]], dtype=object).reshape(-1))
+            if src is not None and src.shape is not None and len(reps) == len(src.shape):
+                _learn(learned, infos, node.output[0], node.input[0],
+                       [d * int(r) if isinstance(d, int) and _as_int(r) is not None
+                        else d if _as_int(r) == 1 else r if d == 1 and isinstance(r, str) else None
+                        for d, r in zip(src.shape, reps)])
+        elif node.op_type == "Resize" and len(node.input) > 3 and node.input[3] in vals \
+                and _attr(node, "axes", None) is None \
+                and _attr(node, "keep_aspect_ratio_policy", "stretch") in ("stretch", b"stretch"):
+            # sizes from Shape (interpolate(mask, size=feature.shape[-2:])): the output dims are the sizes
+            sizes = list(np.asarray(vals[node.input[3]], dtype=object).reshape(-1))
+            src = infos.get(node.input[0])
+            if src is not None and src.shape is not None and len(sizes) == len(src.shape):
+                _learn(learned, infos, node.output[0], node.input[0],
+                       [_as_int(v) if _as_int(v) is not None else v if isinstance(v, str) else None for v in sizes])
+        elif node.op_type == "ConstantOfShape" and node.input and node.input[0] in vals:
+            dims = [_as_int(v) if _as_int(v) is not None else v if isinstance(v, str) else None
+                    for v in np.asarray(vals[node.input[0]], dtype=object).reshape(-1)]
+            t = _attr(node, "value", None)
+            elem = t.data_type if t is not None else onnx.TensorProto.FLOAT
+            _learn(learned, infos, node.output[0], None, dims, elem=elem)
         elif node.op_type == "Expand" and len(node.input) > 1 and node.input[1] in vals:
             src = infos.get(node.input[0])
             target = list(vals[node.input[1]].reshape(-1))
@@ -227,21 +268,31 @@ def _attr(node, name, default):
     return default
 
 
-def _learn(learned, infos, out, src, dims):
+def _learn(learned, infos, out, src, dims, elem=None):
     if dims is None:
         return
     old = infos.get(out)
-    elem = (infos.get(src) or TensorInfo()).elem_type
+    elem = elem or (infos.get(src) or TensorInfo()).elem_type
     if not elem:
         return
     # onnx names dims it could not infer "unk__N": those are unknowns, not symbols.
     dims = [d if isinstance(d, int) or (isinstance(d, str) and not d.startswith("unk__")) else None
             for d in dims]
     if old is not None and old.shape is not None and len(old.shape) == len(dims):
-        dims = [o if isinstance(o, int) else d if d is not None else o for o, d in zip(old.shape, dims)]
-        if _known(tuple(dims)) <= _known(old.shape):
+        dims = [o if isinstance(o, int) or _named(o) else d if d is not None else o for o, d in zip(old.shape, dims)]
+        # better: more static dims, or as many and more named symbols (a symbolic batch carried
+        # through Expand/Tile/Range targets instead of onnx's fresh "unk__N")
+        if (_known(tuple(dims)), _symbols(dims)) <= (_known(old.shape), _symbols(old.shape)):
             return
     learned[out] = (elem, dims)
+
+
+def _named(d) -> bool:
+    return isinstance(d, str) and not d.startswith("unk__")
+
+
+def _symbols(shape) -> int:
+    return sum(_named(d) for d in shape)
 
 
 def _as_int(v):
@@ -268,6 +319,11 @@ def _eval(node, vals, infos) -> Optional[np.ndarray]:
         dims = list(info.shape)
         start, end = _attr(node, "start", 0), _attr(node, "end", None)
         return np.array(dims[start:end] if end is not None else dims[start:], dtype=object)
+    if op == "Size":  # torch's numel
+        info = infos.get(ins[0])
+        if info is None or info.shape is None or not all(isinstance(d, int) for d in info.shape):
+            return None
+        return np.array(int(np.prod(info.shape, dtype=np.int64)), dtype=object)
     if any(i and i not in vals for i in ins[:1]):
         return None
     a = get(ins[0]) if ins else None
@@ -278,7 +334,11 @@ def _eval(node, vals, infos) -> Optional[np.ndarray]:
             return _map(a, lambda v: int(np.ceil(v)))
         to = _attr(node, "to", None)
         if to in _INT_TYPES:
-            return _map(a, lambda v: int(v))
+            return _map(_map_bool(a, int), lambda v: int(v))
+        if to == onnx.TensorProto.BOOL:
+            return _map_bool(_map(a, bool), bool)
+        if to in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+            return _map(_map_bool(a, float), float)  # so that a Div after it divides as floats
         return a
     if op == "Gather":
         idx = get(ins[1]) if len(ins) > 1 else None
@@ -286,7 +346,24 @@ def _eval(node, vals, infos) -> Optional[np.ndarray]:
             return None
         return np.array(a[np.asarray(idx, dtype=np.int64)], dtype=object)
     if op in ("Unsqueeze", "Squeeze"):
-        return a.reshape(-1) if op == "Unsqueeze" or a.size == 1 else a
+        return _squeeze_value(node, a, vals)
+    if op in ("Neg", "Abs", "Sign", "Not"):
+        fn = {"Neg": lambda v: -v, "Abs": abs, "Sign": lambda v: (v > 0) - (v < 0), "Not": lambda v: not v}[op]
+        ok = _is_bool if op == "Not" else _num
+        a = np.asarray(a, dtype=object)
+        return np.array([fn(v) if ok(v) else None for v in a.reshape(-1)], dtype=object).reshape(a.shape)
+    if op in ("ReduceProd", "ReduceSum", "ReduceMax", "ReduceMin") and np.ndim(a) == 1 \
+            and (len(ins) < 2 or not ins[1]) and not _attr(node, "axes", None):
+        # a shape vector reduced to its numel (x.numel() through Shape -> ReduceProd) or largest dim
+        flat = list(np.asarray(a, dtype=object).reshape(-1))
+        if not all(_num(v) for v in flat):
+            return None
+        fn = {"ReduceProd": lambda v: int(np.prod(v, dtype=np.int64)) if v else 1, "ReduceSum": lambda v: sum(v),
+              "ReduceMax": max, "ReduceMin": min}[op]
+        if op in ("ReduceMax", "ReduceMin") and not flat:
+            return None
+        out = np.array(fn(flat), dtype=object)
+        return out.reshape([1]) if _attr(node, "keepdims", 1) else out
     if op == "Reshape":  # a small integer tensor to a static target ([-1], [1], a scalar's [])
         target = get(ins[1]) if len(ins) > 1 else None
         if target is None or not all(isinstance(d, (int, np.integer)) for d in np.asarray(target).reshape(-1)):
@@ -299,15 +376,39 @@ def _eval(node, vals, infos) -> Optional[np.ndarray]:
         if any(i not in vals for i in ins) or _attr(node, "axis", 0) not in (0, -1):
             return None
         return np.concatenate([np.asarray(vals[i], dtype=object).reshape(-1) for i in ins])
-    if op in ("Add", "Sub", "Mul", "Div"):
+    if op in _BINARY:
         b = get(ins[1])
         if b is None:
             return None
-        fn = {"Add": lambda x, y: x + y, "Sub": lambda x, y: x - y, "Mul": lambda x, y: x * y,
-              "Div": _div}[op]
+        fn = _BINARY[op]
+        if op == "Mod" and _attr(node, "fmod", 0):
+            fn = _fmod
         a2, b2 = np.broadcast_arrays(np.asarray(a, dtype=object), np.asarray(b, dtype=object))
-        out = [fn(x, y) if _num(x) and _num(y) else None for x, y in zip(a2.reshape(-1), b2.reshape(-1))]
+        out = [fn(x, y) if _num(x) and _num(y) else _equal_dims(x, y) if op == "Equal" else None
+               for x, y in zip(a2.reshape(-1), b2.reshape(-1))]
         return np.array(out, dtype=object).reshape(a2.shape)
+    if op in ("Max", "Min", "Sum"):  # variadic, broadcasting
+        if any(i not in vals for i in ins):
+            return None
+        arrs = np.broadcast_arrays(*[np.asarray(vals[i], dtype=object) for i in ins])
+        fn = {"Max": max, "Min": min, "Sum": sum}[op]
+        out = [fn(xs) if all(_num(x) for x in xs) else None for xs in zip(*[x.reshape(-1) for x in arrs])]
+        return np.array(out, dtype=object).reshape(arrs[0].shape)
+    if op in ("And", "Or", "Xor"):
+        b = get(ins[1])
+        if b is None:
+            return None
+        fn = {"And": lambda x, y: x and y, "Or": lambda x, y: x or y, "Xor": lambda x, y: x != y}[op]
+        a2, b2 = np.broadcast_arrays(np.asarray(a, dtype=object), np.asarray(b, dtype=object))
+        out = [fn(x, y) if _is_bool(x) and _is_bool(y) else None for x, y in zip(a2.reshape(-1), b2.reshape(-1))]
+        return np.array(out, dtype=object).reshape(a2.shape)
+    if op == "Where":  # TorchScript's expand(-1, n): Where(Equal(sizes, -1), ones, sizes)
+        if any(i not in vals for i in ins[:3]):
+            return None
+        c, x, y = np.broadcast_arrays(*[np.asarray(vals[i], dtype=object) for i in ins[:3]])
+        out = [(xv if cv else yv) if _is_bool(cv) else None
+               for cv, xv, yv in zip(c.reshape(-1), x.reshape(-1), y.reshape(-1))]
+        return np.array(out, dtype=object).reshape(c.shape)
     if op == "Slice":
         if len(ins) < 3 or any(i and i not in vals for i in ins[1:5]):
             return None
@@ -322,12 +423,20 @@ def _eval(node, vals, infos) -> Optional[np.ndarray]:
             index[ax % a.ndim] = slice(st, en, sp)
         return np.asarray(a, dtype=object)[tuple(index)]
     if op == "Range":  # the dynamo exporter's GroupNorm: Unsqueeze(weight, Range(1, rank - 1, 1))
-        args = [_as_int(np.asarray(get(i)).reshape(-1)[0]) if get(i) is not None and np.size(get(i)) == 1 else None
-                for i in ins[:3]]
-        if len(args) != 3 or None in args or args[2] == 0:
+        dims = _range_dims([get(i) for i in ins[:3]]) if len(ins) == 3 else None
+        if dims is None or not isinstance(dims[0], int) or dims[0] > _MAX_ELEMENTS:
             return None
-        r = np.arange(args[0], args[1], args[2])
-        return None if r.size > _MAX_ELEMENTS else r.astype(object)
+        start, delta = (np.asarray(get(i), dtype=object).reshape(-1)[0] for i in (ins[0], ins[2]))
+        return np.array([start + k * delta for k in range(dims[0])], dtype=object)
+    if op == "Expand":  # the dynamo exporter's conv without bias: Expand(0, Expand(Shape(W)[:1], [1]))
+        target = get(ins[1]) if len(ins) > 1 else None
+        dims = None if target is None else [_as_int(v) for v in np.asarray(target).reshape(-1)]
+        if dims is None or None in dims or any(d < 0 for d in dims):
+            return None
+        shape = np.broadcast_shapes(np.shape(a), tuple(dims))
+        if int(np.prod(shape)) > _MAX_ELEMENTS:
+            return None
+        return np.broadcast_to(np.asarray(a, dtype=object), shape).copy()
     if op == "Transpose":
         return np.transpose(np.asarray(a, dtype=object), _attr(node, "perm", None))
     if op == "ConstantOfShape":  # F.pad's pads: Concat(pads, ConstantOfShape(rank - n))
@@ -342,7 +451,82 @@ def _eval(node, vals, infos) -> Optional[np.ndarray]:
 
 
 def _num(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, (bool, np.bool_))
+
+
+def _mod(x, y):
+    """ONNX Mod with fmod=0 (the result takes the divisor's sign: python's %); None for a zero divisor."""
+    if y == 0:
+        return None
+    return x % y if isinstance(x, (int, np.integer)) and isinstance(y, (int, np.integer)) else float(np.mod(x, y))
+
+
+def _fmod(x, y):
+    """ONNX Mod with fmod=1 (the dividend's sign, C's fmod)."""
+    if y == 0:
+        return None
+    if isinstance(x, (int, np.integer)) and isinstance(y, (int, np.integer)):
+        r = abs(int(x)) % abs(int(y))
+        return r if x >= 0 else -r
+    return float(np.fmod(x, y))
+
+
+def _equal_dims(x, y) -> Optional[bool]:
+    """Equal where a side is a dim's symbol: a dim is never negative (TorchScript's
+    ``Equal(sizes, -1)`` of ``expand(n, -1, -1)``), and a symbol equals itself; else unknown."""
+    if isinstance(x, str) and isinstance(y, str):
+        return True if x == y else None
+    for sym, v in ((x, y), (y, x)):
+        if isinstance(sym, str) and _num(v) and v < 0:
+            return False
+    return None
+
+
+def _compare(fn):
+    return lambda x, y: bool(fn(x, y))
+
+
+_BINARY = {
+    "Add": lambda x, y: x + y, "Sub": lambda x, y: x - y, "Mul": lambda x, y: x * y, "Div": lambda x, y: _div(x, y),
+    "Mod": _mod,
+    "Equal": _compare(lambda x, y: x == y), "Less": _compare(lambda x, y: x < y),
+    "Greater": _compare(lambda x, y: x > y), "LessOrEqual": _compare(lambda x, y: x <= y),
+    "GreaterOrEqual": _compare(lambda x, y: x >= y),
+}
+
+
+def _squeeze_value(node, a, vals) -> Optional[np.ndarray]:
+    """The value of an (Un)Squeeze of a small folded tensor: axes from the input (opset >= 13) or
+    the attribute; Squeeze without axes drops every dim of size 1."""
+    a = np.asarray(a, dtype=object)
+    ins = list(node.input)
+    if len(ins) > 1 and ins[1]:
+        if ins[1] not in vals:
+            return None
+        axes = [_as_int(v) for v in np.asarray(vals[ins[1]]).reshape(-1)]
+        if None in axes:
+            return None
+    else:
+        axes = list(_attr(node, "axes", None) or [])
+    if node.op_type == "Unsqueeze":
+        rank = a.ndim + len(axes)
+        axes = sorted(int(x) % rank for x in axes)
+        if len(set(axes)) != len(axes):
+            return None
+        dims, rest = [], iter(a.shape)
+        for k in range(rank):
+            dims.append(1 if k in axes else next(rest))
+        return a.reshape(dims)
+    if not axes:
+        return a.reshape([d for d in a.shape if d != 1])
+    axes = {int(x) % a.ndim for x in axes} if a.ndim else set()
+    if any(a.shape[x] != 1 for x in axes):
+        return None
+    return a.reshape([d for k, d in enumerate(a.shape) if k not in axes])
 
 
 def _div(x, y):
@@ -350,6 +534,12 @@ def _div(x, y):
         q = abs(int(x)) // abs(int(y))
         return q if (x >= 0) == (y > 0) else -q
     return x / y
+
+
+def _map_bool(a, fn):
+    """``fn`` applied to the bool elements of ``a`` (the others as they are)."""
+    return np.array([fn(v) if _is_bool(v) else v for v in np.asarray(a, dtype=object).reshape(-1)],
+                    dtype=object).reshape(np.shape(a))
 
 
 def _map(a, fn):
@@ -383,6 +573,21 @@ def _reshape_dims(src: Optional[TensorInfo], target: np.ndarray, allowzero: int)
         else:
             dims[dims.index(-1)] = None
     return [None if d == -1 else d for d in dims]
+
+
+def _range_dims(args: list) -> Optional[list]:
+    """``[length]`` of a Range whose start, limit and delta are known scalars (ONNX's
+    ``max(ceil((limit - start) / delta), 0)``)."""
+    if len(args) != 3 or any(a is None or np.size(a) != 1 for a in args):
+        return None
+    start, limit, delta = (np.asarray(a, dtype=object).reshape(-1)[0] for a in args)
+    if _named(limit) and _num(start) and start == 0 and _num(delta) and delta == 1:
+        return [limit]  # torch.arange(n) of a symbolic dim n
+    if not all(_num(v) for v in (start, limit, delta)) or delta == 0:
+        return None
+    if all(isinstance(v, (int, np.integer)) for v in (start, limit, delta)):
+        return [max(-(-(int(limit) - int(start)) // int(delta)), 0)]
+    return [max(int(np.ceil((limit - start) / delta)), 0)]
 
 
 def _slice_dims(src: Optional[TensorInfo], args: list) -> Optional[list]:

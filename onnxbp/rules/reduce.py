@@ -72,7 +72,7 @@ def _axes(g, axes_input_since):
         if name is None:
             axes = []
         else:
-            val = g.constant_value(name)
+            val = g.known_value(name)  # a constant, or axes computed from static shapes
             if val is None:
                 return _Axes(runtime=name)
             axes = [int(a) for a in val.reshape(-1)]

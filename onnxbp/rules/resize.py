@@ -46,7 +46,7 @@ from . import resize_arith as ra
 def _const_or_none(g, name):
     if name is None:
         return None
-    value = g.constant_value(name)
+    value = g.known_value(name)  # a constant, or sizes computed from static shapes
     return None if value is None else np.asarray(value).reshape(-1)
 
 
@@ -54,7 +54,7 @@ def _is_empty(g, name) -> bool:
     """An omitted input, or one whose static shape is (0,)."""
     if name is None:
         return True
-    value = g.constant_value(name)
+    value = g.known_value(name)
     if value is not None:
         return np.asarray(value).size == 0
     shape = g.shape(name)

@@ -363,7 +363,7 @@ def pad_grad(g):
     if g.opset < 11:
         pads = g.attr("pads")
         return [g.pad(dy, [-int(p) for p in pads], like=x)]
-    pads_value = g.constant_value(g.input(1))
+    pads_value = g.known_value(g.input(1))
     neg = (g.ints([-int(p) for p in np.asarray(pads_value).reshape(-1)]) if pads_value is not None
            else g.op("Neg", g.input(1)))
     args = [dy, neg, g.const(0.0, like=x)]
@@ -388,13 +388,13 @@ def _pad_grad_border(g, x, dy, mode):
     if g.opset < 11:
         pads = list(g.attr("pads"))
     else:
-        pv = g.constant_value(g.input(1))
+        pv = g.known_value(g.input(1))
         if pv is None:
             g.fail(f"Pad mode {mode!r} needs constant pads for its gradient (pads is computed at run time)")
         pads = [int(p) for p in np.asarray(pv).reshape(-1)]
     axes = list(range(rank))
     if g.input(3) is not None:
-        av = g.constant_value(g.input(3))
+        av = g.known_value(g.input(3))
         if av is None:
             g.fail(f"Pad mode {mode!r} needs constant axes for its gradient")
         axes = [_norm_axis(g, int(a), rank) for a in np.asarray(av).reshape(-1)]
