@@ -211,8 +211,8 @@ def test_symbolic_batch_gradient_runs_at_other_batch_sizes():
 
 
 def test_zoo_build_cli_writes_models(tmp_path):
-    """``python -m models.zoo.build OUTDIR --only ...`` writes loadable, checker-clean models."""
-    from models.zoo.build import main
+    """``python -m models.zoo.write OUTDIR --only ...`` writes loadable, checker-clean models."""
+    from models.zoo.write import main
 
     assert main([str(tmp_path), "--only", "vgg,squeezenet", "--opset", "13"]) == 0
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -221,3 +221,6 @@ def test_zoo_build_cli_writes_models(tmp_path):
         m = onnx.load(str(tmp_path / f))
         onnx.checker.check_model(m, full_check=True)
         assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    import models.zoo
+
+    assert models.zoo.build is build  # the CLI module's import does not shadow the package's build()

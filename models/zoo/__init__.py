@@ -4,10 +4,10 @@ Each family module defines ``build(seed=0) -> (torch.nn.Module, input_shape)``
 with seeded weights and (where the net has BatchNorm) non-trivial running
 statistics, already in eval mode.  :data:`FAMILIES` lists them; the
 exporters live in :mod:`models.zoo.export` and the CLI in
-:mod:`models.zoo.build`::
+:mod:`models.zoo.write`::
 
-    python -m models.zoo.build OUTDIR          # every family, TorchScript opset 17
-    python -m models.zoo.build OUTDIR --dynamo # plus the dynamo exporter
+    python -m models.zoo.write OUTDIR          # every family, TorchScript opset 17
+    python -m models.zoo.write OUTDIR --dynamo # plus the dynamo exporter
 
 Widths and resolutions are tiny on purpose (tests build them on the fly);
 the structure (blocks, branches, grouped/depthwise convs, shuffles, attention)

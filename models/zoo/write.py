@@ -1,6 +1,6 @@
 """Write every zoo network as ONNX into a directory.
 
-    python -m models.zoo.build OUTDIR [--opset 17] [--dynamo] [--only resnet_basic,vit]
+    python -m models.zoo.write OUTDIR [--opset 17] [--dynamo] [--only resnet_basic,vit]
 
 Files: ``<family>.ts<opset>.onnx`` (TorchScript exporter) and, with
 ``--dynamo``, ``<family>.dynamo.onnx``.  Exports that fail are reported and
@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: python models/zoo/build.py
+if __package__ in (None, ""):  # run as a script: python models/zoo/write.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     __package__ = "models.zoo"
 
