@@ -257,7 +257,7 @@ class GradContext(GraphWriter):
         shape_g = self.op("Shape", grad)
         shape_t = self.op("Shape", target)
         lead = self.op("Sub", self.op("Shape", shape_g), self.op("Shape", shape_t))  # (1,): rank difference
-        ones = self.op("ConstantOfShape", lead, value=numpy_helper.from_array(np.array([1], np.int64)))
+        ones = self.fill(lead, 1, onnx.TensorProto.INT64)
         padded = self.op("Concat", ones, shape_t, axis=0)
         one = self.ints([1])
         summed = self.op("And", self.op("Equal", padded, one), self.op("Not", self.op("Equal", shape_g, one)))

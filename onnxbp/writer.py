@@ -343,8 +343,12 @@ class GraphWriter:
 
     def zeros(self, shape: str, elem_type: int) -> str:
         """Zeros of runtime shape ``shape`` (a 1-D int64 tensor) and element type ``elem_type``."""
+        return self.fill(shape, 0, elem_type)
+
+    def fill(self, shape: str, value, elem_type: int) -> str:
+        """``value`` in a tensor of runtime shape ``shape`` (a 1-D int64 tensor), element type ``elem_type``."""
         return self.op("ConstantOfShape", shape,
-                       value=numpy_helper.from_array(np.zeros(1, dtype=np_dtype(elem_type))))
+                       value=numpy_helper.from_array(np.full(1, value, dtype=np_dtype(elem_type))))
 
     def cast(self, x: str, to: int) -> str:
         """``x`` as element type ``to`` (no node when it already is)."""
