@@ -303,7 +303,13 @@ def serialized_parts(model: onnx.ModelProto):
     yield head.SerializeToString(deterministic=True)
     del head
     for t in model.graph.initializer:
-        yield t.SerializeToString(deterministic=True)
+        if t.HasField("raw_data"):  # the tensor's other fields, then its bytes as they are
+            meta = onnx.TensorProto()
+            _copy_fields(t, meta, skip="raw_data")
+            yield meta.SerializeToString(deterministic=True)
+            yield t.raw_data
+        else:
+            yield t.SerializeToString(deterministic=True)
 
 
 def _copy_fields(src, dst, skip: str) -> None:
