@@ -222,6 +222,17 @@ def test_conv_grad_grid_exhaustive(case, strategy):
     test_conv_grad_grid(case, strategy)
 
 
+#: slow-grid cases where, on one axis, the weight gradient's kernel reads the start padding alone
+#: (the data would crop to nothing): the transpose-form dW keeps one position and trims its result
+EDGE_CASES = [SLOW_GRID[i] for i in (519, 1221)]
+
+
+@pytest.mark.parametrize("strategy", ["transpose", "patches"])
+@pytest.mark.parametrize("case", EDGE_CASES, ids=[_id(c) for c in EDGE_CASES])
+def test_conv_grad_weight_reads_only_padding(case, strategy):
+    test_conv_grad_grid(case, strategy)
+
+
 def test_grid_size_and_coverage():
     """The sampler covers every attribute family the rule handles."""
     assert len(GRID) * len(STRATEGIES) >= 400

@@ -354,8 +354,9 @@ def weight_grad(g, data, kern, group: int, data_pg: int, kern_pg: int, data_size
     sizes, crop_end = list(data_sizes), []
     for i in range(nsp):
         red = (full[i] - kernel[i]) * strides[i]  # padded extent to drop: exactly full - kernel rows
-        cut = max(red - pe[i], 0)
-        pe[i] = max(pe[i] - red, 0)
+        drop_pad = min(pe[i], red)
+        cut = min(red - drop_pad, sizes[i] - 1)  # keep one position: an empty axis breaks Reshape's 0
+        pe[i] -= drop_pad
         sizes[i] -= cut
         crop_end.append(cut)
     if any(crop_end):
@@ -364,6 +365,10 @@ def weight_grad(g, data, kern, group: int, data_pg: int, kern_pg: int, data_size
     allp = pb + pe
     r = swapped_conv(g, data, kern, group, data_pg, kern_pg, sizes, kern_sizes,
                      pads=allp if any(allp) else None, strides=list(strides), dilations=list(dilations))
+    got = [ca.conv_out_size(sizes[i], kern_sizes[i], strides[i], dilations[i], pb[i], pe[i]) for i in range(nsp)]
+    axes = [i for i in range(nsp) if got[i] != kernel[i]]
+    if axes:  # the kernel reads the start padding alone on such an axis (data kept at 1): trim the result
+        r = g.slice(r, [0] * len(axes), [kernel[i] for i in axes], [2 + i for i in axes])
     return g.transpose(r, [1, 0] + list(range(2, 2 + nsp)))
 
 
