@@ -59,6 +59,12 @@ def infer(model: onnx.ModelProto, rounds: int = 32) -> dict:
     return infos
 
 
+def _dims_of(value) -> list:
+    """A folded shape vector as dims: ints, symbol names, None where unknown."""
+    return [_as_int(v) if _as_int(v) is not None else v if isinstance(v, str) else None
+            for v in np.asarray(value, dtype=object).reshape(-1)]
+
+
 def _spatial(info: Optional[TensorInfo]) -> Optional[tuple]:
     return None if info is None or info.shape is None else tuple(info.shape[2:])
 
@@ -204,14 +210,12 @@ def _fold(model: onnx.ModelProto, infos: dict) -> dict:
                 and _attr(node, "axes", None) is None \
                 and _attr(node, "keep_aspect_ratio_policy", "stretch") in ("stretch", b"stretch"):
             # sizes from Shape (interpolate(mask, size=feature.shape[-2:])): the output dims are the sizes
-            sizes = list(np.asarray(vals[node.input[3]], dtype=object).reshape(-1))
+            sizes = _dims_of(vals[node.input[3]])
             src = infos.get(node.input[0])
             if src is not None and src.shape is not None and len(sizes) == len(src.shape):
-                _learn(learned, infos, node.output[0], node.input[0],
-                       [_as_int(v) if _as_int(v) is not None else v if isinstance(v, str) else None for v in sizes])
+                _learn(learned, infos, node.output[0], node.input[0], sizes)
         elif node.op_type == "ConstantOfShape" and node.input and node.input[0] in vals:
-            dims = [_as_int(v) if _as_int(v) is not None else v if isinstance(v, str) else None
-                    for v in np.asarray(vals[node.input[0]], dtype=object).reshape(-1)]
+            dims = _dims_of(vals[node.input[0]])
             t = _attr(node, "value", None)
             elem = t.data_type if t is not None else onnx.TensorProto.FLOAT
             _learn(learned, infos, node.output[0], None, dims, elem=elem)
