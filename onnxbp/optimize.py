@@ -1,4 +1,4 @@
-"""Graph clean-ups that change no value: common-subexpression elimination.
+"""Graph clean-ups that change no value: common-subexpression elimination, rank-matched scalars.
 
 A training step is written by several writers (the forward's training-mode
 rewrite, the backward's rules, the running-statistics stage) that each compute
@@ -14,6 +14,14 @@ the nodes that read them.  Nothing random (Dropout, Random*, Bernoulli,
 Multinomial) and nothing with a subgraph is merged, and a node producing a graph
 output is kept as it is (its duplicates may read it).  The values are the same bits
 (the kept node computes what the dropped one would have).
+
+:func:`match_scalar_ranks` gives a one-element operand of an elementwise op the
+rank of the op's output where that output's last dim is 1 (a ``[M, C, 1, 1]``
+1x1-conv weight, a ``(1, C, 1, 1)`` per-channel statistic): onnxruntime (1.32,
+CPU) broadcasts a lower-rank scalar against such a tensor element by element,
+10-30x slower than a ``[1, 1, 1, 1]`` one (``benchmarks/bench_optimizer_views.py``).
+A constant gets a reshaped copy, any other tensor one Reshape per rank; the
+values and the output shapes are the same.
 """
 
 from __future__ import annotations
@@ -21,9 +29,11 @@ from __future__ import annotations
 import hashlib
 import logging
 
+import numpy as np
 import onnx
 
 from .naming import has_subgraph, outer_names
+from .writer import GraphWriter
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +73,69 @@ def eliminate_common_subexpressions(graph: onnx.GraphProto) -> int:
         graph.node.extend(keep)
         log.info("common-subexpression elimination: %d duplicate nodes removed", removed)
     return removed
+
+
+#: Elementwise ops with numpy broadcasting (Where: the condition and both values).
+_BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Mod", "PRelu", "Equal",
+                 "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Where", "BitShift"}
+
+
+def match_scalar_ranks(model: onnx.ModelProto, infos: dict) -> int:
+    """Rank-matched one-element operands (module docstring) in ``model``'s main graph, in place;
+    ``infos``: ``{tensor: TensorInfo}`` (shapeinfo.infer).  Returns how many operands were replaced."""
+    graph = model.graph
+    values = {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.output
+              and len(n.attribute) == 1 and n.attribute[0].name == "value"}
+    values.update((t.name, t) for t in graph.initializer)
+    inputs = {i.name for i in graph.input}
+    w = GraphWriter.for_model(model, "rank_matched", "onnxbp: a scalar at its reader's rank (optimize.py)")
+    shared: dict = {}      # (tensor, rank) -> the rank-matched tensor
+    new_before: dict = {}  # index of the reading node -> nodes to insert before it
+    replaced = 0
+    for k, node in enumerate(graph.node):
+        if node.op_type not in _BROADCASTING or node.domain not in ("", "ai.onnx") or not node.output:
+            continue
+        out = _static(infos, node.output[0])
+        if not out or len(out) < 2 or out[-1] != 1 or _size(out) == 1:
+            continue
+        for i, name in enumerate(node.input):
+            dims = _static(infos, name) if name else None
+            if dims is None or len(dims) >= len(out) or _size(dims) != 1:
+                continue
+            key = (name, len(out))
+            if key not in shared:
+                ones = [1] * len(out)
+                if name in values and name not in inputs:
+                    shared[key] = w.const(onnx.numpy_helper.to_array(values[name]).reshape(ones))
+                else:
+                    shared[key] = w.op("Reshape", name, w.ints(ones))
+                new_before.setdefault(k, []).extend(w.take_nodes())
+            node.input[i] = shared[key]
+            replaced += 1
+    if replaced:
+        nodes = []
+        for k, node in enumerate(graph.node):
+            nodes.extend(new_before.get(k, ()))
+            nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        log.info("rank-matched scalars: %d operands", replaced)
+    return replaced
+
+
+def _static(infos: dict, name: str):
+    info = infos.get(name)
+    shape = getattr(info, "shape", None)
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return list(shape)
+
+
+def _size(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
 
 
 def _key(node: onnx.NodeProto):

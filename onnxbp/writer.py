@@ -363,6 +363,9 @@ class GraphWriter:
     def reduce_mean(self, x: str, axes: Sequence[int], keepdims: bool = True) -> str:
         return self._reduce("ReduceMean", 18, x, axes, keepdims)
 
+    def reduce_sum_square(self, x: str, axes: Sequence[int], keepdims: bool = True) -> str:
+        return self._reduce("ReduceSumSquare", 18, x, axes, keepdims)
+
     def _reduce(self, op_type: str, axes_as_input_since: int, x: str, axes: Sequence[int],
                 keepdims: bool) -> str:
         axes = [int(a) for a in axes]

@@ -86,4 +86,74 @@ def test_training_step_computes_batch_statistics_once():
                     "b": np.zeros(c, np.float32), "rm": np.zeros(c, np.float32), "rv": np.ones(c, np.float32)})
     sm = build_step_model(m, optimizer=SGD(momentum=0.9))
     ops = [n.op_type for n in sm.model.graph.node]
-    assert ops.count("BatchNormalization") == 1 and ops.count("ReduceMean") == 2  # batch mean and variance
+    modes = sorted(next((a.i for a in n.attribute if a.name == "training_mode"), 0)
+                   for n in sm.model.graph.node if n.op_type == "BatchNormalization")
+    assert modes == [0, 1]  # the forward, and the backward's affine map of X (rules/norm.py)
+    # batch mean and variance once each (the backward and the running-statistics stage share them)
+    assert ops.count("ReduceMean") == 1 and ops.count("ReduceSumSquare") == 1 and ops.count("Size") == 2
+
+
+# ---------------------------------------------------------------- match_scalar_ranks
+def _scalar_model():
+    """W [6, 4, 1, 1] times a constant scalar, plus a rank-0 graph input; a (2, 3) tensor times the same
+    constant (its last dim is not 1: left alone)."""
+    nodes = [_const("s", 0.9),
+             helper.make_node("Mul", ["W", "s"], ["a"]),
+             helper.make_node("Add", ["a", "lr"], ["b"]),
+             helper.make_node("Sub", ["lr", "b"], ["c"]),         # the scalar first: the same Reshape
+             helper.make_node("Mul", ["X", "s"], ["d"]),
+             helper.make_node("Mul", ["k", "W"], ["e"])]          # a one-element initializer of rank 1
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [6, 4, 1, 1]),
+                                       helper.make_tensor_value_info("lr", onnx.TensorProto.FLOAT, []),
+                                       helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, d)
+                           for o, d in (("c", [6, 4, 1, 1]), ("d", [2, 3]), ("e", [6, 4, 1, 1]))],
+                          [numpy_helper.from_array(np.array([2.0], np.float32), "k")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    return m
+
+
+def test_match_scalar_ranks_reshapes_the_scalars_of_trailing_one_tensors_only():
+    from onnxbp.optimize import match_scalar_ranks
+    from onnxbp.shapeinfo import infer
+
+    m = _scalar_model()
+    rng = np.random.default_rng(0)
+    feeds = {"W": rng.standard_normal((6, 4, 1, 1)).astype(np.float32), "lr": np.array(0.25, np.float32),
+             "X": rng.standard_normal((2, 3)).astype(np.float32)}
+    before = cpu_session(m).run(None, feeds)
+    ranked = onnx.ModelProto()
+    ranked.CopyFrom(m)
+    assert match_scalar_ranks(ranked, infer(ranked)) == 4  # s, lr twice (one Reshape), k; not X * s
+    onnx.checker.check_model(ranked, full_check=True)
+    after = cpu_session(ranked).run(None, feeds)
+    for a, b in zip(before, after):
+        assert a.shape == b.shape and np.array_equal(a, b)
+    infos = infer(ranked)
+    by_out = {n.output[0]: n for n in ranked.graph.node}
+    for out in ("a", "b", "c", "e"):
+        assert all(len(infos[i].shape) == 4 for i in by_out[out].input), out
+    assert list(by_out["d"].input) == ["X", "s"]
+    assert [n.op_type for n in ranked.graph.node].count("Reshape") == 1  # lr's, shared by b and c
+    assert len(m.graph.node) == 6  # the input model is untouched (the pass works on the copy)
+
+
+def test_training_step_has_no_rank_zero_scalar_on_a_one_by_one_weight():
+    """The SGD update of a 1x1-conv weight reads rank-4 scalars (no flat-view Reshapes)."""
+    from onnxbp.shapeinfo import infer
+    from onnxbp.testing.models import make_model
+    from onnxbp.training import SGD
+    from onnxbp.training.step import build_step_model
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], kernel_shape=[1, 1]),
+             helper.make_node("GlobalAveragePool", ["h"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["logits"])]
+    m = make_model(nodes, [("x", np.float32, [4, 3, 5, 5])], [("logits", np.float32, [4, 6])],
+                   {"w": rng.standard_normal((6, 3, 1, 1)).astype(np.float32)})
+    sm = build_step_model(m, optimizer=SGD(momentum=0.9))
+    infos = infer(sm.model)
+    reads_w = [n for n in sm.model.graph.node if n.op_type in ("Mul", "Add") and n.name.startswith("train/sgd")]
+    assert reads_w and all(len(infos[i].shape) == 4 for n in reads_w for i in n.input)
+    assert not [n for n in sm.model.graph.node if n.op_type == "Reshape" and n.name.startswith("train/")]

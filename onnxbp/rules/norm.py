@@ -84,42 +84,71 @@ def _bn_training(g) -> bool:
     return not g.attr("is_test", 0)
 
 
+def batch_moments(w, x: str, red, shape, scale: str) -> tuple:
+    """(mu with kept dims, xc = X - mu, per-channel biased variance (C,), count n) of a
+    training-mode BatchNormalization input ``x`` over axes ``red``.
+
+    The BN backward and the training step's running-statistics stage both call this, so that
+    ``optimize.eliminate_common_subexpressions`` computes the moments once.  ``n`` (the number of
+    reduced elements per channel) is a constant where ``shape``'s reduced dims are static, else
+    ``Size(X) / Size(scale)`` at run time.  ``ReduceSumSquare`` writes no squared copy of ``xc``.
+    """
+    mu = w.reduce_mean(x, red)
+    xc = w.op("Sub", x, mu)
+    dims = [shape[a] for a in red] if shape is not None else [None]
+    if all(isinstance(d, int) for d in dims):
+        n = w.const(float(np.prod(dims)), like=x)
+    else:
+        n = w.op("Div", w.op("Cast", w.op("Size", x), to=w.dtype(x)), w.op("Cast", w.op("Size", scale), to=w.dtype(x)))
+    var = w.op("Div", w.reduce_sum_square(xc, red, keepdims=False), n)
+    return mu, xc, var, n
+
+
 def _bn_training_backward(g, x, scale, dy, red, eps):
     """(X', scale', B') of training-mode BatchNormalization, per-channel sums shared.
 
     The module docstring's formula with ``X^' = Y' * scale`` and ``x^ = xc * inv``
     (``xc = X - mu``) regrouped so that only two per-channel sums of full
     tensors are needed, ``S1 = sum(Y')`` and ``S2 = sum(Y' * xc)`` (the same
-    grouping as PyTorch's batch_norm_backward)::
+    grouping as PyTorch's batch_norm_backward), and so that X' is one
+    per-channel scaling of Y' minus one per-channel affine map of xc::
 
         B'     = S1
         scale' = S2 * inv
-        X'     = (Y' - S1/n - xc * inv^2 * S2/n) * (scale * inv)
+        X'     = Y' * a - (xc * (a * inv^2 * S2/n) + a * S1/n),   a = scale * inv
 
-    with ``n`` the number of reduced elements per channel (computed at run time:
-    the batch may be symbolic).  Seven full-size passes and four reductions,
-    against ten and six for the generic normalization backward.
+    The per-channel arithmetic runs on (C,) vectors (onnxruntime's broadcast of a
+    rank-0 scalar against a (1, C, 1, 1) tensor is 4x slower than on (C,)), and
+    the affine map of xc is one inference-mode BatchNormalization of X with the
+    batch mean and variance (scale ``a * inv * S2/n``, bias ``a * S1/n``, the
+    forward's epsilon; a Mul and an Add before opset 9 and for ``target="portable"``:
+    tract 0.23 runs a BatchNormalization only with constant parameters).  Full-size tensors
+    written: xc, Y' * xc, Y' * a, the affine map and X' (seven before: the
+    squared xc, three partial sums and X').
     """
     rank = g.rank(x)
     want_x, want_s, want_b = (g.needs_grad(i) for i in range(3))
-    mu = g.reduce_mean(x, red)
-    xc = g.op("Sub", x, mu)
-    var = g.reduce_mean(g.op("Mul", xc, xc), red)
-    inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, like=x))))  # (1, C, 1...)
-    s1 = g.reduce_sum(dy, red, keepdims=True) if (want_x or want_b) else None
-    s2 = g.reduce_sum(g.op("Mul", dy, xc), red, keepdims=True) if (want_x or want_s) else None
-    dx = ds = db = None
+    mu, xc, var, n = batch_moments(g, x, red, g.shape(x), scale)
+    inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, like=x))))  # (C,)
+    s1 = g.reduce_sum(dy, red, keepdims=False) if (want_x or want_b) else None
+    s2 = g.reduce_sum(g.op("Mul", dy, xc), red, keepdims=False) if (want_x or want_s) else None
+    dx = None
     if want_x:
-        count = g.op("Div", g.op("Cast", g.op("Size", x), to=g.dtype(x)),
-                     g.op("Cast", g.op("Size", scale), to=g.dtype(x)))
-        k = g.op("Mul", g.op("Mul", inv, inv), g.op("Div", s2, count))
-        inner = g.op("Sub", g.op("Sub", dy, g.op("Div", s1, count)), g.op("Mul", xc, k))
-        dx = g.op("Mul", inner, g.op("Mul", inv, _channel(g, scale, rank)))
-    if want_s:
-        ds = g.squeeze(g.op("Mul", s2, inv), red)
-    if want_b:
-        db = g.squeeze(s1, red)
-    return dx, ds, db
+        a = g.op("Mul", scale, inv)
+        s2n = g.op("Div", s2, n)
+        c = g.op("Mul", a, g.op("Div", s1, n))
+        if g.opset >= 9 and g.option("target") != "portable":
+            # (X - mu) / sqrt(var + eps) * (a * inv * S2/n) + c = xc * b + c: every input a run-time
+            # tensor (a constant mean or variance could share its buffer with a training-mode BN's
+            # running statistics, which onnxruntime overwrites in place); tract wants them constant
+            affine = g.op("BatchNormalization", x, g.op("Mul", g.op("Mul", a, inv), s2n), c,
+                          g.squeeze(mu, red), var, epsilon=eps)
+        else:
+            b = g.op("Mul", a, g.op("Mul", g.op("Mul", inv, inv), s2n))
+            affine = g.op("Add", g.op("Mul", xc, _channel(g, b, rank)), _channel(g, c, rank))
+        dx = g.op("Sub", g.op("Mul", dy, _channel(g, a, rank)), affine)
+    ds = g.op("Mul", s2, inv) if want_s else None
+    return dx, ds, (s1 if want_b else None)
 
 
 @register_gradient("BatchNormalization", smoothness=SMOOTH, state_inputs=(3, 4),

@@ -54,8 +54,9 @@ from .. import metadata, shapeinfo
 from ..engine import backward
 from ..errors import OnnxbpError
 from ..modelio import ModelLike, check_full, compact, convert_opset, load_model
-from ..optimize import eliminate_common_subexpressions
+from ..optimize import eliminate_common_subexpressions, match_scalar_ranks
 from ..portable import expand_for_portability, separate_backward_constants
+from ..rules.norm import batch_moments
 from ..types import FLOAT_TYPES, TensorInfo, default_opset, np_dtype, value_info_dims
 from ..writer import GraphWriter, set_attr, value_info
 from .conv_forward import lower_weight_bound_convs
@@ -219,6 +220,7 @@ def build_step_model(model: ModelLike, *, loss: str = "cross_entropy", optimizer
     if grad_options.get("target") == "portable":  # the loss and training-mode BN as plain ops
         expand_for_portability(m)
     eliminate_common_subexpressions(g)
+    match_scalar_ranks(m, shapeinfo.infer(m))
     if grad_options.get("target") == "portable":  # frozen weights the backward shares (OpenVINO bug 4)
         separate_backward_constants(m)
     metadata.put(m, META_KEY, spec.to_json())
@@ -325,6 +327,7 @@ def build_split_step(model: ModelLike, *, loss: str = "cross_entropy", optimizer
         if grad_options.get("target") == "portable":  # the loss and training-mode BN as plain ops
             expand_for_portability(part)
         eliminate_common_subexpressions(part.graph)
+        match_scalar_ranks(part, shapeinfo.infer(part))
         if grad_options.get("target") == "portable":
             separate_backward_constants(part)
         metadata.put(part, META_KEY, json.dumps({"role": role, "spec": spec.__dict__, "grads": grads,
@@ -625,20 +628,7 @@ def _optimizer_stage(w: GraphWriter, st: _Carried, optimizer, params: list, grad
             state_in[kind] = sname
             st.to_input(sname, np.zeros_like(st.initial[p]), like=p)
         state_map[p] = state_in
-        dims = [int(d) for d in t.dims]
-        if len(dims) > 1 and 1 in dims[1:]:
-            # [M, C, 1, 1]-like (1x1 conv weights): onnxruntime's elementwise kernels run 17-29x slower on
-            # them than on the flat view, while a flat view of other shapes is no faster or slower
-            # (benchmarks/bench_optimizer_views.py); Reshape is free (an alias).
-            ow = w.scoped(f"train/{p}/flat")
-            flat, shape = ow.ints([-1]), ow.ints(dims)
-            new_p, new_state = optimizer.emit(
-                ow, ow.op("Reshape", p, flat), ow.op("Reshape", grads[p], flat),
-                {k: ow.op("Reshape", s, flat) for k, s in state_in.items()}, lr, step, t.data_type)
-            new_p = ow.op("Reshape", new_p, shape)
-            new_state = {k: ow.op("Reshape", v, shape) for k, v in new_state.items()}
-        else:
-            new_p, new_state = optimizer.emit(w, p, grads[p], state_in, lr, step, t.data_type)
+        new_p, new_state = optimizer.emit(w, p, grads[p], state_in, lr, step, t.data_type)
         st.carry(w, p, new_p)
         for kind, sname in state_in.items():
             st.carry(w, sname, new_state[kind], like=p)
@@ -678,10 +668,15 @@ def _running_stats_stage(w: GraphWriter, st: _Carried, bns: list, bn_stats: str,
             rm_new, rv_new = rm_onnx, rv_onnx
             if bn_stats == "torch":
                 bw = w.scoped("train/bn")
-                _, var_b = _batch_moments(bw, x, t.data_type, infos, node)
-                c = bw.op("Cast", bw.op("Shape", rv_onnx, name="channels"), to=t.data_type)
-                n = bw.op("Div", bw.op("Cast", bw.op("Size", x, name="size"), to=t.data_type), c, name="count")
-                nm1 = bw.op("Sub", n, bw.const(1.0, dtype=f), name="count_minus_1")
+                _, var_b, _ = _batch_moments(bw, x, t.data_type, infos, node)
+                shape = infos[x].shape
+                count = [shape[a] for a in [0] + list(range(2, len(shape)))]
+                if all(isinstance(d, int) for d in count):  # a constant (tract 0.23 fails on Sub of two)
+                    nm1 = bw.const(float(np.prod(count)) - 1.0, dtype=f)
+                else:  # tract 0.23 fails ("eval() called on a Dummy op") on Sub(n) with the backward's n
+                    c = bw.op("Cast", bw.op("Shape", rv_onnx, name="channels"), to=t.data_type)
+                    n = bw.op("Div", bw.op("Cast", bw.op("Size", x, name="size"), to=t.data_type), c, name="count")
+                    nm1 = bw.op("Sub", n, bw.const(1.0, dtype=f), name="count_minus_1")
                 corr = bw.op("Div", bw.op("Mul", var_b, bw.const(1.0 - mom, dtype=f)), nm1, name="bessel")
                 rv_new = bw.op("Add", rv_onnx, corr, name="unbiased_running_var")
         for src, name in ((rm_new, mean_in), (rv_new, var_in)):
@@ -697,21 +692,19 @@ def _momentum(node: onnx.NodeProto) -> float:
 
 def _batch_moments(bw: GraphWriter, x: str, elem: int, infos: dict, node: onnx.NodeProto,
                    out: Optional[tuple] = None) -> tuple:
-    """The batch mean (kept dims) and biased variance (per channel) of BN input ``x``; ``out``:
+    """The batch mean (kept dims), biased variance (per channel) and per-channel count of BN input ``x``; ``out``:
     also write them, per channel, to these two names (the split step's gradient outputs)."""
     shape = infos.get(x, TensorInfo()).shape
     if shape is None:
         raise TrainingError(f"BatchNormalization node {node.name!r}: the rank of its input {x!r} is unknown")
     axes = [0] + list(range(2, len(shape)))
-    mean = bw.reduce_mean(x, axes, True)
-    d = bw.op("Sub", x, mean, name="centered")
     # the same nodes as the BatchNormalization backward's batch statistics (rules/norm.py), so that
     # optimize.eliminate_common_subexpressions computes them once
-    var_b = bw.squeeze(bw.reduce_mean(bw.op("Mul", d, d, name="sq"), axes, True), axes)
+    mean, _, var_b, count = batch_moments(bw, x, axes, shape, node.input[1])
     if out is not None:
         bw.op("Reshape", mean, bw.ints([-1]), out=out[0], name="batch_mean")
         bw.op("Identity", var_b, out=out[1], name="batch_var")
-    return mean, var_b
+    return mean, var_b, count
 
 
 def _moment_names(w: GraphWriter, bns: list, fwd_inits: dict) -> list:
