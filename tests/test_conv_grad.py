@@ -186,6 +186,26 @@ def _record(strategy, kind, grad, err, what):
         WORST[key] = (err, what)
 
 
+@pytest.mark.parametrize("batch,expect_dw", [(32, "transpose"), (None, "patches")])
+def test_auto_takes_the_fewest_nodes_for_small_convs(batch, expect_dw):
+    """'auto' below MIN_PATCHES_SIZE im2col elements (LeNet's 8-channel 4x4 conv at batch 32: 36,864):
+    dX by ConvTranspose, and dW by the channel-swapped Conv where the batch is static (a symbolic
+    batch keeps "patches": the swapped Conv's own gradient needs the batch static)."""
+    from onnxbp.rules.conv import MIN_PATCHES_SIZE
+
+    c = _case(2, (4, 4), (3, 3), (1, 1), (1, 1), group=(8, 16, 1), pads=(1, 1, 1, 1), batch=32)
+    assert 32 * 16 * 8 * 9 < MIN_PATCHES_SIZE
+    model = _conv_model(c, batch_dim="N" if batch is None else None)
+    ops = [n.op_type for n in onnxbp.gradient(model, ["X"]).graph.node]
+    assert "ConvTranspose" in ops and "Conv" not in ops[1:]
+    ops = [n.op_type for n in onnxbp.gradient(model, ["W"]).graph.node][1:]
+    assert (ops.count("Gemm") == 1 and ops.count("Slice") == 9) == (expect_dw == "patches")
+    assert (ops.count("Conv") == 1) == (expect_dw == "transpose")
+    for s in ("seed", "patches"):  # an explicit strategy is honoured whatever the size
+        ops = [n.op_type for n in onnxbp.gradient(model, ["X"], conv_strategy=s).graph.node][1:]
+        assert "ConvTranspose" not in ops
+
+
 @pytest.mark.parametrize("strategy", LOWERINGS)
 @pytest.mark.parametrize("case", GRID, ids=[f"{i:03d}-{_id(c)}" for i, c in enumerate(GRID)])
 def test_conv_grad_grid(case, strategy):
@@ -325,8 +345,9 @@ def test_strategy_lowerings_differ():
     ([1, 1], [1, 3], "seed"),
 ])
 def test_auto_picks_per_node(strides, kernel, expect):
-    """'auto': dX by the seed form for stride-1 non-1x1 convs (faster on ORT CPU), dW by transpose."""
-    c = _case(2, (6, 6), kernel, strides, (1, 1))
+    """'auto': dX by the seed form for stride-1 non-1x1 convs (faster on ORT CPU), dW by transpose
+    (2 input channels; convs large enough for the forms with more nodes: MIN_PATCHES_SIZE)."""
+    c = _case(2, (16, 16), kernel, strides, (1, 1), batch=64)
     gm = onnxbp.gradient(_conv_model(c), ["X"])
     ops = [n.op_type for n in gm.graph.node][1:]
     assert ("ConvTranspose" in ops) == (expect == "transpose")
@@ -341,7 +362,7 @@ def test_auto_picks_per_node(strides, kernel, expect):
 def test_auto_weight_gradient_lowering(channels, group, expect):
     """'auto': dW by one Gemm on the im2col matrix of 9 strided slices for group-1 convs with >= 8
     input channels."""
-    c = _case(2, (6, 6), (3, 3), (1, 1), (1, 1), group=(channels, channels, group), pads=(1, 1, 1, 1))
+    c = _case(2, (6, 6), (3, 3), (1, 1), (1, 1), group=(channels, channels, group), pads=(1, 1, 1, 1), batch=32)
     ops = [n.op_type for n in onnxbp.gradient(_conv_model(c), ["W"]).graph.node][1:]
     if expect == "patches":
         assert ops.count("Gemm") == 1 and ops.count("Slice") == 9 and "Conv" not in ops

@@ -112,7 +112,11 @@ s1/s2, 1x1 s1/s2, 7x7 s2 stem, depthwise 3x3 s1/s2; batch 8/32; 28x28 and
       ``bench_conv.py --weights-as-inputs --cases wide --sizes 2 4 8``).
   dW: "patches" for group-1 convs with at least 8 input channels: whole
       backward patches/transpose 0.42-0.60 for 3x3 s1, 0.80-0.96 for 3x3 s2,
-      0.28-0.56 for 1x1 (2026-12-01 run); "transpose" otherwise (the 7x7
+      0.28-0.56 for 1x1 (2026-12-01 run), except a kernel of several offsets
+      whose im2col matrix has under MIN_PATCHES_SIZE elements (LeNet's
+      second conv: the slices' per-node cost is the larger part there; dX
+      too takes "transpose" there; the LeNet step 1.10 -> 0.88 ms,
+      2026-12-02); "transpose" otherwise (the 7x7
       stem with 3 input channels: patches 2.2-2.8x slower; grouped convs:
       patches is group-1 only).  "seed" dW is never faster: a tie at
       stride 1, 2.4-25x slower at stride 2 and for the stem.
@@ -126,6 +130,10 @@ _rhs_padding) use the same pads: before = (k-1)*d - pb, after = n + (k-1)*d
 """
 
 from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
 
 from ..registry import LINEAR, REGISTRY, register_gradient
 from . import conv_arith as ca
@@ -442,25 +450,38 @@ def im2col_weight_grad(g, data, dout, group: int, m: int, c: int, sizes, kernel,
 #: The batch size the lowering choice assumes where the batch is symbolic.
 ASSUMED_BATCH = 32
 
+#: Below this many im2col elements "auto" takes dX and dW by "transpose", the forms with the fewest
+#: nodes: the K strided Slices and the Concat of "patches" dW and the kernel rotation of "seed" dX cost
+#: more than they save (LeNet's 8-channel 4x4 conv at batch 32, 36,864 elements: the LeNet step
+#: 1.10 -> 0.88 ms); ResNet-18's smallest, 512 channels on 2x2 maps at batch 8, has 147,456.
+MIN_PATCHES_SIZE = 65536
+
 
 def resolve_strategy(name: str, strides, kernel, group: int = 1, in_channels: int = 0,
-                     weight_bound: bool = False) -> tuple:
+                     weight_bound: bool = False, im2col_size: Optional[int] = None,
+                     static_batch: bool = True) -> tuple:
     """(BPA lowering, BPW lowering) for a conv_strategy choice; "auto" per the module docstring.
 
     ``weight_bound``: the padded input map times the batch is no larger than the output channels
-    (:func:`weight_bound`), where "auto" takes dX by "patches" instead of "seed" (group 1)."""
+    (:func:`weight_bound`), where "auto" takes dX by "patches" instead of "seed" (group 1).
+    ``im2col_size``: N * prod(out) * C * K, the elements of dW's im2col matrix; below
+    MIN_PATCHES_SIZE (and a kernel of more than one offset) "auto" takes dX by "transpose", and dW
+    too where the batch is static (``static_batch``): a "transpose" dW Conv's own gradient (second
+    order) needs the batch static, as its output channels."""
     n_offsets = 1
     for k in kernel:
         n_offsets *= k
     patches_ok = group == 1 and n_offsets <= MAX_PATCHES
+    small = n_offsets > 1 and im2col_size is not None and im2col_size < MIN_PATCHES_SIZE
     if name in ("auto", "patches"):
-        seed_dx = all(s == 1 for s in strides) and any(k > 1 for k in kernel)
+        seed_dx = all(s == 1 for s in strides) and any(k > 1 for k in kernel) and not (small and name == "auto")
         bpa = "seed" if seed_dx else "transpose"
         if patches_ok and (name == "patches" or (weight_bound and seed_dx)):
             bpa = "patches"
         if name == "patches":
             return bpa, ("patches" if patches_ok else "transpose")
-        return bpa, ("patches" if patches_ok and (in_channels or 0) >= 8 else "transpose")
+        small_dw = small and static_batch
+        return bpa, ("patches" if patches_ok and (in_channels or 0) >= 8 and not small_dw else "transpose")
     return name, name
 
 
@@ -484,8 +505,12 @@ def conv_grad(g):
     if want[0] or want[1]:
         cv = _Conv(g)
         padded = [n + b + e for n, b, e in zip(cv.n, cv.pb, cv.pe)]
+        batch = (g.shape(x) or [None])[0]
+        cols = None if cv.c is None else ((batch if isinstance(batch, int) else ASSUMED_BATCH) * cv.c
+                                          * int(np.prod(cv.out)) * int(np.prod(cv.k)))
         bpa, bpw = resolve_strategy(g.option("conv_strategy"), cv.s, cv.k, cv.group, cv.c,
-                                    weight_bound((g.shape(x) or [None])[0], padded, cv.m))
+                                    weight_bound(batch, padded, cv.m), im2col_size=cols,
+                                    static_batch=isinstance(batch, int))
         if g.option("target") == "portable":
             # no runtime-shaped kernel (docs/portability.md): dW by im2col, grouped convs included
             if cv.c is None and want[1]:
