@@ -69,7 +69,8 @@ def test_graph_outputs_and_different_attributes_are_kept():
 
 
 def test_training_step_computes_batch_statistics_once():
-    """The BatchNormalization backward and the running-statistics stage share mean/centred/variance."""
+    """The forward, the BatchNormalization backward and the running-statistics stage share the batch
+    mean, centred input and variance."""
     from onnxbp.testing.models import make_model
     from onnxbp.training import SGD
     from onnxbp.training.step import build_step_model
@@ -88,7 +89,9 @@ def test_training_step_computes_batch_statistics_once():
     ops = [n.op_type for n in sm.model.graph.node]
     modes = sorted(next((a.i for a in n.attribute if a.name == "training_mode"), 0)
                    for n in sm.model.graph.node if n.op_type == "BatchNormalization")
-    assert modes == [0, 1]  # the forward, and the backward's affine map of X (rules/norm.py)
+    # the forward's normalization with the batch moments (step._decompose_training_batch_norms), and the
+    # backward's affine map of X (rules/norm.py); no training-mode BN is left
+    assert modes == [0, 0]
     # batch mean and variance once each (the backward and the running-statistics stage share them)
     assert ops.count("ReduceMean") == 1 and ops.count("ReduceSumSquare") == 1 and ops.count("Size") == 2
 
