@@ -22,11 +22,6 @@ and checked once on entry and once on exit:
 Training mode: BatchNormalization nodes are switched to ``training_mode=1``
 (batch statistics; opset >= 14, three outputs) and Dropout nodes get a
 constant ``training_mode=True`` input (a random mask is drawn each run).
-After the backward is built, each training-mode BatchNormalization of the
-fused step is written out as its batch moments and an inference-mode
-BatchNormalization with them (:func:`_decompose_training_batch_norms`): the
-backward computes the same moments, so the step computes them once
-(``target="portable"`` expands the node its own way, onnxbp/portable.py).
 
 Running statistics: ONNX defines ``running = momentum * running + (1 -
 momentum) * batch_stat`` with the *biased* batch variance; PyTorch uses
@@ -37,9 +32,9 @@ PyTorch: ``rv_torch = rv_onnx + (rv_onnx - momentum * rv) / (n - 1)`` where
 keeps the ONNX formula.  (A model exported from torch with momentum 0.1 has
 ONNX momentum 0.9; both then agree on running_mean.)
 
-Caution for callers of the raw split-step gradient model (:func:`build_split_step`, which keeps the
-training-mode node): onnxruntime may overwrite the numpy arrays fed as BatchNormalization running
-statistics with the updated values (in-place kernel); :class:`~onnxbp.training.Trainer` is unaffected.
+Caution for callers of the raw step model: onnxruntime may overwrite the
+numpy arrays fed as BatchNormalization running statistics with the updated
+values (in-place kernel); :class:`~onnxbp.training.Trainer` is unaffected.
 """
 
 from __future__ import annotations
@@ -224,8 +219,6 @@ def build_step_model(model: ModelLike, *, loss: str = "cross_entropy", optimizer
         clip_grad_norm=clip_grad_norm)
     if grad_options.get("target") == "portable":  # the loss and training-mode BN as plain ops
         expand_for_portability(m)
-    else:
-        _decompose_training_batch_norms(w, g, fl.batch_norms, bw.infos)
     eliminate_common_subexpressions(g)
     match_scalar_ranks(m, shapeinfo.infer(m))
     if grad_options.get("target") == "portable":  # frozen weights the backward shares (OpenVINO bug 4)
@@ -691,43 +684,6 @@ def _running_stats_stage(w: GraphWriter, st: _Carried, bns: list, bn_stats: str,
                 continue
             st.to_input(name)
             st.carry(w, name, src)
-
-
-def _decompose_training_batch_norms(w: GraphWriter, graph: onnx.GraphProto, bns: list, infos: dict) -> None:
-    """Each training-mode BatchNormalization of the forward as its batch moments
-    (:func:`onnxbp.rules.norm.batch_moments`) and an inference-mode BatchNormalization with them, the
-    running statistics as ONNX's ``momentum * input + (1 - momentum) * batch`` (same output names).
-
-    The BN backward computes the same moments from X (the same nodes), so after
-    ``optimize.eliminate_common_subexpressions`` the step computes them once, in the forward, where
-    onnxruntime's training-mode kernel computed them a second time internally.  No training-mode BN
-    is left: onnxruntime's in-place write of its running statistics (see :func:`_running_stats_stage`)
-    cannot happen."""
-    index = {n.output[0]: k for k, n in enumerate(graph.node) if n.output}
-    replace: dict = {}
-    for node, rm, rv in bns:
-        x, scale, bias, mean_in, var_in = node.input[:5]
-        shape = infos.get(x, TensorInfo()).shape
-        if shape is None:
-            raise TrainingError(f"BatchNormalization node {node.name!r}: the rank of its input {x!r} is unknown")
-        red = [0] + list(range(2, len(shape)))
-        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-        mom = _momentum(node)
-        bw = w.scoped(f"train/bn_forward/{node.name or node.output[0]}")
-        f = np_dtype(bw.dtype(x) or TensorProto.FLOAT)
-        mu, _, var, _ = batch_moments(bw, x, red, shape, scale)
-        mu_c = bw.squeeze(mu, red)
-        bw.op("BatchNormalization", x, scale, bias, mu_c, var, epsilon=eps, out=node.output[0], name="normalize")
-        keep, new = bw.const(mom, dtype=f), bw.const(1.0 - mom, dtype=f)
-        bw.op("Add", bw.op("Mul", mean_in, keep), bw.op("Mul", mu_c, new), out=rm, name="running_mean")
-        bw.op("Add", bw.op("Mul", var_in, keep), bw.op("Mul", var, new), out=rv, name="running_var")
-        replace[index[node.output[0]]] = bw.take_nodes()
-    if replace:
-        nodes = []
-        for k, node in enumerate(graph.node):
-            nodes.extend(replace.get(k, [node]))
-        del graph.node[:]
-        graph.node.extend(nodes)
 
 
 def _momentum(node: onnx.NodeProto) -> float:
