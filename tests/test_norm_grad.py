@@ -534,3 +534,27 @@ def test_attention_refusals():
     with pytest.raises(onnxbp.UnsupportedAttributeError) as exc:
         onnxbp.gradient(m, ["Q"])
     assert str(exc.value) == "node 'half' (Attention, opset 23): past_key and past_value must be given together"
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_batchnorm_training_affine_map_forms(shape):
+    """The backward's affine map of X: one inference-mode BatchNormalization (default target), a Mul and
+    an Add under target="portable" (tract runs BN only with constant parameters); same gradients, and
+    both against torch autograd."""
+    model, feeds, inits = _bn_model(shape, 15, training=True)
+    wrt = ["X", "scale", "B"]
+    res = {}
+    for target in ("onnxruntime", "portable"):
+        gm, _, grads, ups = run_gradient(model, feeds, wrt, target=target)
+        bns = [n for n in gm.graph.node if n.op_type == "BatchNormalization"]
+        assert len(bns) == (2 if target == "onnxruntime" else 1), target  # the forward's, and the affine map
+        res[target] = (grads, ups)
+    for k in wrt:
+        assert_close(res["portable"][0][k], res["onnxruntime"][0][k], 1e-5, 1e-6, k)
+    if HAS_TORCH:
+        import torch.nn.functional as tf
+
+        for target, (grads, ups) in res.items():
+            _torch_compare("BatchNormalization (training)", [feeds["X"], inits["scale"], inits["B"]], wrt,
+                           lambda x, s, b: tf.batch_norm(x, None, None, s, b, training=True, eps=1e-3),
+                           ups["Y"], grads)
