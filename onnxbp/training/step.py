@@ -668,10 +668,10 @@ def _running_stats_stage(w: GraphWriter, st: _Carried, bns: list, bn_stats: str,
             rm_new, rv_new = rm_onnx, rv_onnx
             if bn_stats == "torch":
                 bw = w.scoped("train/bn")
-                _, var_b, _ = _batch_moments(bw, x, t.data_type, infos, node)
+                _, var_b = _batch_moments(bw, x, t.data_type, infos, node)
                 shape = infos[x].shape
                 count = [shape[a] for a in [0] + list(range(2, len(shape)))]
-                if all(isinstance(d, int) for d in count):  # a constant (tract 0.23 fails on Sub of two)
+                if all(isinstance(d, int) for d in count):  # n - 1 as a constant
                     nm1 = bw.const(float(np.prod(count)) - 1.0, dtype=f)
                 else:  # tract 0.23 fails ("eval() called on a Dummy op") on Sub(n) with the backward's n
                     c = bw.op("Cast", bw.op("Shape", rv_onnx, name="channels"), to=t.data_type)
@@ -692,7 +692,7 @@ def _momentum(node: onnx.NodeProto) -> float:
 
 def _batch_moments(bw: GraphWriter, x: str, elem: int, infos: dict, node: onnx.NodeProto,
                    out: Optional[tuple] = None) -> tuple:
-    """The batch mean (kept dims), biased variance (per channel) and per-channel count of BN input ``x``; ``out``:
+    """The batch mean (kept dims) and biased variance (per channel) of BN input ``x``; ``out``:
     also write them, per channel, to these two names (the split step's gradient outputs)."""
     shape = infos.get(x, TensorInfo()).shape
     if shape is None:
@@ -700,11 +700,11 @@ def _batch_moments(bw: GraphWriter, x: str, elem: int, infos: dict, node: onnx.N
     axes = [0] + list(range(2, len(shape)))
     # the same nodes as the BatchNormalization backward's batch statistics (rules/norm.py), so that
     # optimize.eliminate_common_subexpressions computes them once
-    mean, _, var_b, count = batch_moments(bw, x, axes, shape, node.input[1])
+    mean, _, var_b, _ = batch_moments(bw, x, axes, shape, node.input[1])
     if out is not None:
         bw.op("Reshape", mean, bw.ints([-1]), out=out[0], name="batch_mean")
         bw.op("Identity", var_b, out=out[1], name="batch_var")
-    return mean, var_b, count
+    return mean, var_b
 
 
 def _moment_names(w: GraphWriter, bns: list, fwd_inits: dict) -> list:
