@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 
-import numpy as np
 import onnx
 
 from .naming import has_subgraph, outer_names
@@ -96,11 +96,11 @@ def match_scalar_ranks(model: onnx.ModelProto, infos: dict) -> int:
         if node.op_type not in _BROADCASTING or node.domain not in ("", "ai.onnx") or not node.output:
             continue
         out = _static(infos, node.output[0])
-        if not out or len(out) < 2 or out[-1] != 1 or _size(out) == 1:
+        if not out or len(out) < 2 or out[-1] != 1 or math.prod(out) == 1:
             continue
         for i, name in enumerate(node.input):
             dims = _static(infos, name) if name else None
-            if dims is None or len(dims) >= len(out) or _size(dims) != 1:
+            if dims is None or len(dims) >= len(out) or math.prod(dims) != 1:
                 continue
             key = (name, len(out))
             if key not in shared:
@@ -129,13 +129,6 @@ def _static(infos: dict, name: str):
     if shape is None or not all(isinstance(d, int) for d in shape):
         return None
     return list(shape)
-
-
-def _size(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
 
 
 def _key(node: onnx.NodeProto):

@@ -131,9 +131,8 @@ _rhs_padding) use the same pads: before = (k-1)*d - pb, after = n + (k-1)*d
 
 from __future__ import annotations
 
+import math
 from typing import Optional
-
-import numpy as np
 
 from ..registry import LINEAR, REGISTRY, register_gradient
 from . import conv_arith as ca
@@ -507,7 +506,7 @@ def conv_grad(g):
         padded = [n + b + e for n, b, e in zip(cv.n, cv.pb, cv.pe)]
         batch = (g.shape(x) or [None])[0]
         cols = None if cv.c is None else ((batch if isinstance(batch, int) else ASSUMED_BATCH) * cv.c
-                                          * int(np.prod(cv.out)) * int(np.prod(cv.k)))
+                                          * math.prod(cv.out) * math.prod(cv.k))
         bpa, bpw = resolve_strategy(g.option("conv_strategy"), cv.s, cv.k, cv.group, cv.c,
                                     weight_bound(batch, padded, cv.m), im2col_size=cols,
                                     static_batch=isinstance(batch, int))
